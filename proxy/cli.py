@@ -1,0 +1,240 @@
+"""The ``shadow-proxy`` command line (also ``python -m proxy``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from proxy.errors import ConfigError
+from proxy.settings import EXPORTER_CHOICES, Settings, load_settings, read_config_file
+
+PROG = "shadow-proxy"
+
+_SERVE_EPILOG = """\
+backend spec:
+  NAME=HOST:PORT[,sample=RATE][,timeout=DURATION][,max_in_flight=N]
+  e.g. --shadow candidate=127.0.0.1:50062,sample=0.25,timeout=2s
+  sample:        fraction of requests copied to this shadow, 0..1 (default 1); the decision is
+                 a pure function of the request id, so it is the same for the same id
+  timeout:       the shadow call's own deadline (default 5s); production has none of its own
+                 unless given (the client's deadline bounds it)
+  max_in_flight: shadow calls in flight at once (default 256); copies over it are dropped and
+                 counted, never queued
+
+config file (--config, YAML .yaml/.yml, TOML .toml or JSON .json), same names as the flags:
+  listen: 127.0.0.1:50051
+  production: prod=127.0.0.1:50061          # or {name: prod, address: 127.0.0.1:50061}
+  shadows:
+    - candidate=127.0.0.1:50062,sample=0.5
+    - {name: other, address: 127.0.0.1:50063, timeout: 2s, max_in_flight: 64}
+  exporters: [file, otlp]
+  traces_file: traces.jsonl
+  redact_metadata: [x-api-key]
+  redact_tensors: [ssn]
+  Flags override the file; a --shadow replaces the file's shadow of the same name.
+
+environment (OpenTelemetry's standard variables keep their meaning):
+  OTEL_EXPORTER_OTLP_ENDPOINT   send traces over OTLP too (e.g. http://localhost:4317 for a
+                                Jaeger all-in-one); no --exporter needed
+  OTEL_EXPORTER_OTLP_PROTOCOL   grpc (default) or http/protobuf (then use port 4318)
+  OTEL_TRACES_EXPORTER          default exporters when --exporter is not given
+  OTEL_SERVICE_NAME             service name in Jaeger (default shadow-proxy)
+  OTEL_TRACES_SAMPLER, OTEL_BSP_*, OTEL_EXPORTER_OTLP_HEADERS, ...  as documented by OpenTelemetry
+
+exit codes: 0 after a clean shutdown (SIGTERM/SIGINT), 2 for a bad configuration.
+"""
+
+
+def _serve_parser(sub: Any) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "serve",
+        help="run the proxy",
+        description=(
+            "Run the proxy: every call is forwarded as bytes to the production backend, whose reply "
+            "the client gets, and at the same moment to each sampled shadow backend, whose reply is "
+            "only recorded. Every call is traced with OpenTelemetry, payloads included."
+        ),
+        epilog=_SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="YAML, TOML or JSON config file; flags override it",
+    )
+    p.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="address to serve on (default 127.0.0.1:50051; port 0 = any free port)",
+    )
+    p.add_argument(
+        "--production",
+        metavar="NAME=HOST:PORT[,timeout=D]",
+        help="the production backend: its replies go to the clients (required, here or in --config)",
+    )
+    p.add_argument(
+        "--shadow",
+        dest="shadows",
+        action="append",
+        metavar="NAME=HOST:PORT[,sample=F][,timeout=D][,max_in_flight=N]",
+        help="a shadow backend (repeatable): gets a copy of the sampled requests; its replies are recorded only",
+    )
+    p.add_argument(
+        "--exporter",
+        dest="exporters",
+        action="append",
+        metavar="NAME",
+        help=f"where spans go, repeatable or comma-separated: {', '.join(EXPORTER_CHOICES)} "
+        "(default: file, plus otlp when OTEL_EXPORTER_OTLP_ENDPOINT is set; none = no tracing)",
+    )
+    p.add_argument(
+        "--traces-file",
+        metavar="PATH",
+        help="OTLP JSON lines file for the file exporter (default shadow-traces.jsonl)",
+    )
+    p.add_argument(
+        "--otlp-protocol",
+        choices=("grpc", "http/protobuf"),
+        help="OTLP transport (default from OTEL_EXPORTER_OTLP_PROTOCOL, else grpc)",
+    )
+    p.add_argument(
+        "--no-payloads",
+        dest="record_payloads",
+        action="store_false",
+        default=None,
+        help="do not record request/reply payloads as span events",
+    )
+    p.add_argument(
+        "--payload-max-bytes",
+        type=int,
+        metavar="N",
+        help="cap on one recorded payload; longer ones are cut and flagged truncated (default 65536)",
+    )
+    p.add_argument(
+        "--redact-metadata",
+        action="append",
+        metavar="KEY",
+        help="metadata key whose value is hidden in traces (repeatable; authorization always is)",
+    )
+    p.add_argument(
+        "--redact-tensor",
+        dest="redact_tensors",
+        action="append",
+        metavar="NAME",
+        help="tensor whose contents are hidden in recorded payloads (repeatable)",
+    )
+    p.add_argument(
+        "--max-message-bytes",
+        type=int,
+        metavar="N",
+        help="largest request or reply accepted (default 4194304); larger ones get RESOURCE_EXHAUSTED",
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        metavar="DURATION",
+        help="time in-flight production calls get after SIGTERM (default 10s)",
+    )
+    p.add_argument(
+        "--shadow-grace",
+        metavar="DURATION",
+        help="time in-flight shadow calls get at shutdown before they are cancelled (default 5s)",
+    )
+    p.add_argument(
+        "--health-interval",
+        metavar="DURATION",
+        help="how often production's health is checked (default 2s)",
+    )
+    p.add_argument(
+        "--recorder-queue-size",
+        type=int,
+        metavar="N",
+        help="outcomes waiting to be recorded; over it they are dropped and counted (default 20000)",
+    )
+    p.add_argument(
+        "--ready-file",
+        type=Path,
+        metavar="PATH",
+        help="write HOST:PORT (the bound port) here once serving; for supervisors and tests",
+    )
+    p.add_argument(
+        "--log-level",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="log level (default INFO)",
+    )
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="A gRPC proxy for shadow rollouts of machine-learning models.",
+        epilog="Run 'shadow-proxy serve --help' for the proxy's flags.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _serve_parser(sub)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Flags over the config file over defaults; raises ConfigError."""
+    config = read_config_file(args.config) if args.config else {}
+    overrides: dict[str, Any] = {
+        "listen": args.listen,
+        "production": args.production,
+        "shadows": args.shadows,
+        "exporters": ",".join(args.exporters) if args.exporters else None,
+        "traces_file": args.traces_file,
+        "otlp_protocol": args.otlp_protocol,
+        "record_payloads": args.record_payloads,
+        "payload_max_bytes": args.payload_max_bytes,
+        "redact_metadata": args.redact_metadata,
+        "redact_tensors": args.redact_tensors,
+        "max_message_bytes": args.max_message_bytes,
+        "shutdown_grace": args.shutdown_grace,
+        "shadow_grace": args.shadow_grace,
+        "health_interval": args.health_interval,
+        "recorder_queue_size": args.recorder_queue_size,
+        "log_level": args.log_level,
+    }
+    if args.redact_metadata and "redact_metadata" in config:
+        overrides["redact_metadata"] = [*config["redact_metadata"], *args.redact_metadata]
+    return load_settings(config=config, overrides=overrides)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "serve":
+        from proxy.server import run
+
+        try:
+            settings = settings_from_args(args)
+            _configure_logging(settings.log_level)
+            return asyncio.run(run(settings, args.ready_file))
+        except ConfigError as exc:
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return 130
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""The router: start production and the sampled shadows together, return production's reply.
+
+This core knows gRPC statuses and metadata but not the server: :mod:`proxy.server` is the
+thin edge that turns a :class:`ProductionReply` into what the client receives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import grpc
+from grpc import aio
+
+from proxy.errors import BackendUnreachable, status_for_unreachable
+from proxy.gen import predict_pb2
+from proxy.records import BackendOutcome, CallRecord, Metadata, TraceContext
+from proxy.shadow import NO_SHADOWS, ShadowDecision, ShadowWriter
+from proxy.upstream import Upstream, came_from_backend
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_KEY = "x-request-id"
+# Connection-level (hop-by-hop) headers and gRPC's reserved ones are the transport's, not
+# the caller's; the trace headers are replaced by the proxy's own span context per call.
+_NOT_FORWARDED = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+        "te",
+        "host",
+        "content-type",
+        "content-length",
+        "user-agent",
+        "accept-encoding",
+        "traceparent",
+    }
+)
+# Requests of these methods carry a request id field the proxy may use when the client sent
+# no x-request-id; parsing a known request to read its id is the only decoding on the path.
+_REQUEST_ID_FIELDS: dict[str, Callable[[bytes], str]] = {
+    "/predict.v1.PredictionService/Predict": lambda body: (
+        predict_pb2.PredictRequest.FromString(body).request_id
+    ),
+}
+
+
+@dataclass(slots=True)
+class ProductionReply:
+    """What the client gets: production's reply exactly, plus the request id trailer."""
+
+    code: grpc.StatusCode
+    details: str
+    body: bytes | None
+    initial_metadata: Metadata
+    trailing_metadata: Metadata
+
+
+@dataclass(slots=True)
+class ProductionStats:
+    calls: int = 0
+    errors: int = 0
+    unreachable: int = 0
+    cancelled: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"calls={self.calls} errors={self.errors} unreachable={self.unreachable} "
+            f"cancelled={self.cancelled}"
+        )
+
+
+def parse_traceparent(value: str) -> tuple[int, int, int] | None:
+    """W3C ``traceparent`` → (trace id, parent span id, flags), or None when malformed."""
+    parts = value.strip().split("-")
+    if len(parts) < 4 or len(parts[0]) != 2 or parts[0] == "ff":
+        return None
+    if len(parts[1]) != 32 or len(parts[2]) != 16 or len(parts[3]) != 2:
+        return None
+    try:
+        trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3], 16)
+    except ValueError:
+        return None
+    if not trace_id or not span_id:
+        return None
+    return trace_id, span_id, flags
+
+
+class FanOut:
+    """Forwards one call: production awaited in the caller's task, shadows fired alongside."""
+
+    def __init__(
+        self,
+        production: Upstream,
+        shadows: ShadowWriter,
+        record: Callable[[CallRecord], None],
+    ) -> None:
+        self.production = production
+        self.shadows = shadows
+        self._record = record
+        self.stats = ProductionStats()
+
+    async def forward(
+        self,
+        method: str,
+        request: bytes,
+        metadata: Iterable[tuple[str, str | bytes]],
+        time_remaining: float | None,
+        peer: str,
+    ) -> ProductionReply:
+        """Send ``request`` to production and the sampled shadows; return production's reply.
+
+        A client cancel cancels the production call (it is awaited in this task); shadow
+        calls belong to the shadow writer and are not cancelled with the client.
+        """
+        start_ns = time.time_ns()
+        received = tuple(metadata)
+        forwarded, request_id, incoming_trace, tracestate = _split_metadata(received)
+        if not request_id:
+            request_id = _request_id_from_body(method, request) or secrets.token_hex(8)
+            forwarded.append((REQUEST_ID_KEY, request_id))
+        trace = _trace_context(incoming_trace, tracestate)
+        backend = self.production.backend
+        span_id = random.getrandbits(64) or 1
+        production_md = (*forwarded, ("traceparent", trace.traceparent(span_id)))
+        timeout = time_remaining
+        if backend.timeout is not None and (timeout is None or backend.timeout < timeout):
+            timeout = backend.timeout
+
+        # Production's call object starts its RPC as soon as it exists; the shadows start in
+        # the same loop iteration, so neither waits for the other.
+        call = self.production.method(method)(request, timeout=timeout, metadata=production_md)
+        decision: ShadowDecision = NO_SHADOWS
+        try:
+            decision = self.shadows.send(method, request, tuple(forwarded), request_id, trace)
+        except Exception:  # shadowing must never cost a production call
+            log.exception("could not start shadow calls")
+        self.stats.calls += 1
+        prod_start_ns = time.time_ns()
+        initial: Metadata = ()
+        from_backend = True
+        try:
+            body: bytes | None = await call
+            code, details = grpc.StatusCode.OK, ""
+            initial = tuple(await call.initial_metadata() or ())
+            trailing: Metadata = tuple(await call.trailing_metadata() or ())
+        except aio.AioRpcError as error:
+            body = None
+            code, details = error.code(), error.details() or ""
+            initial = tuple(error.initial_metadata() or ())
+            trailing = tuple(error.trailing_metadata() or ())
+            from_backend = came_from_backend(error)
+        except asyncio.CancelledError:
+            self.stats.cancelled += 1
+            self._submit(
+                method, request_id, trace, start_ns, request, received, peer, decision,
+                grpc.StatusCode.CANCELLED, "cancelled by the client",
+                self._outcome(method, request_id, trace, span_id, prod_start_ns, len(request),
+                              grpc.StatusCode.CANCELLED, "cancelled by the client", None, (), False),
+            )  # fmt: skip
+            raise
+        end_ns = time.time_ns()
+        outcome = self._outcome(
+            method, request_id, trace, span_id, prod_start_ns, len(request),
+            code, details, body, trailing, from_backend, end_ns,
+        )  # fmt: skip
+        client_code, client_details = code, details
+        if code is not grpc.StatusCode.OK:
+            self.stats.errors += 1
+            if not from_backend:
+                # The backend never answered: tell the client which backend, in one line.
+                self.stats.unreachable += 1
+                unreachable = BackendUnreachable(
+                    "production", backend.name, backend.address, code, details
+                )
+                client_code = status_for_unreachable(code)
+                client_details = unreachable.client_details()
+        if not any(key == REQUEST_ID_KEY for key, _ in trailing):
+            trailing = (*trailing, (REQUEST_ID_KEY, request_id))
+        self._submit(
+            method, request_id, trace, start_ns, request, received, peer, decision,
+            client_code, client_details, outcome,
+        )  # fmt: skip
+        return ProductionReply(client_code, client_details, body, initial, trailing)
+
+    def _outcome(
+        self,
+        method: str,
+        request_id: str,
+        trace: TraceContext,
+        span_id: int,
+        start_ns: int,
+        request_size: int,
+        code: grpc.StatusCode,
+        details: str,
+        body: bytes | None,
+        trailing: Metadata,
+        from_backend: bool,
+        end_ns: int | None = None,
+    ) -> BackendOutcome:
+        backend = self.production.backend
+        return BackendOutcome(
+            role="production",
+            name=backend.name,
+            address=backend.address,
+            method=method,
+            request_id=request_id,
+            trace=trace,
+            span_id=span_id,
+            start_ns=start_ns,
+            end_ns=end_ns or time.time_ns(),
+            code=code,
+            details=details,
+            reply=body,
+            trailing_metadata=trailing,
+            request_size=request_size,
+            from_backend=from_backend,
+        )
+
+    def _submit(
+        self,
+        method: str,
+        request_id: str,
+        trace: TraceContext,
+        start_ns: int,
+        request: bytes,
+        metadata: Metadata,
+        peer: str,
+        decision: ShadowDecision,
+        code: grpc.StatusCode,
+        details: str,
+        production: BackendOutcome | None,
+    ) -> None:
+        self._record(
+            CallRecord(
+                method=method,
+                request_id=request_id,
+                trace=trace,
+                start_ns=start_ns,
+                end_ns=time.time_ns(),
+                request=request,
+                metadata=metadata,
+                peer=peer,
+                code=code,
+                details=details,
+                production=production,
+                shadows_sent=decision.sent,
+                shadows_dropped=decision.dropped,
+                shadows_sampled_out=decision.sampled_out,
+            )
+        )
+
+
+def _split_metadata(
+    received: Metadata,
+) -> tuple[list[tuple[str, str | bytes]], str, str | None, str | None]:
+    """One pass over the client's metadata: what to forward, the request id, trace headers."""
+    forwarded: list[tuple[str, str | bytes]] = []
+    request_id = ""
+    traceparent: str | None = None
+    tracestate: str | None = None
+    for key, value in received:
+        if key in _NOT_FORWARDED or key.startswith("grpc-") or key.startswith(":"):
+            if key == "traceparent" and isinstance(value, str):
+                traceparent = value
+            continue
+        if key == REQUEST_ID_KEY and isinstance(value, str):
+            request_id = value
+        elif key == "tracestate" and isinstance(value, str):
+            tracestate = value
+        forwarded.append((key, value))
+    return forwarded, request_id, traceparent, tracestate
+
+
+def _request_id_from_body(method: str, request: bytes) -> str:
+    reader = _REQUEST_ID_FIELDS.get(method)
+    if reader is None:
+        return ""
+    try:
+        return reader(request)
+    except Exception:
+        # An undecodable request still goes to production, which gives the client its error.
+        return ""
+
+
+def _trace_context(traceparent: str | None, tracestate: str | None) -> TraceContext:
+    parsed = parse_traceparent(traceparent) if traceparent else None
+    proxy_span_id = random.getrandbits(64) or 1
+    if parsed is None:
+        return TraceContext(random.getrandbits(128) or 1, proxy_span_id, 0x01, None, None)
+    trace_id, parent_span_id, flags = parsed
+    return TraceContext(trace_id, proxy_span_id, flags & 0xFF, parent_span_id, tracestate)

@@ -1,0 +1,106 @@
+"""Turn request and reply bytes into readable, capped, redacted span-event attributes."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable
+from types import ModuleType
+from typing import Any
+
+from google.protobuf import json_format, message, message_factory
+
+from proxy.gen import predict_pb2
+from proxy.records import Metadata
+
+REDACTED = "[REDACTED]"
+_MESSAGE_MODULES: tuple[ModuleType, ...] = (predict_pb2,)
+MessageTypes = dict[str, tuple[type[message.Message], type[message.Message]]]
+
+
+def known_methods(modules: Iterable[ModuleType] = _MESSAGE_MODULES) -> MessageTypes:
+    """``/package.Service/Method`` → (request class, reply class) for the services in protos/."""
+    table: MessageTypes = {}
+    for module in modules:
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                table[f"/{service.full_name}/{method.name}"] = (
+                    message_factory.GetMessageClass(method.input_type),
+                    message_factory.GetMessageClass(method.output_type),
+                )
+    return table
+
+
+class PayloadCodec:
+    """Encodes payloads for span events: JSON for known messages, base64 otherwise."""
+
+    def __init__(self, max_bytes: int, redact_tensors: Iterable[str] = ()) -> None:
+        self.max_bytes = max_bytes
+        self.redact_tensors = frozenset(redact_tensors)
+        self._types = known_methods()
+
+    def decode(self, method: str, data: bytes, *, reply: bool) -> dict[str, Any] | None:
+        """The message as a JSON-ready dict (tensor redaction applied), or None when the
+        method is not one of ours or the bytes do not parse."""
+        types = self._types.get(method)
+        if types is None:
+            return None
+        try:
+            parsed = types[1 if reply else 0].FromString(data)
+        except message.DecodeError:
+            return None
+        as_dict = json_format.MessageToDict(parsed, preserving_proto_field_name=True)
+        if self.redact_tensors:
+            _redact_tensors(as_dict, self.redact_tensors)
+        return as_dict
+
+    def event_attributes(self, method: str, data: bytes, *, reply: bool) -> dict[str, Any]:
+        """Attributes of one payload event: type, encoding, the (capped) payload, sizes."""
+        types = self._types.get(method)
+        decoded = self.decode(method, data, reply=reply) if types else None
+        attributes: dict[str, Any] = {"payload.size": len(data)}
+        if decoded is not None and types is not None:
+            attributes["message.type"] = types[1 if reply else 0].DESCRIPTOR.full_name
+            attributes["payload.encoding"] = "json"
+            text = json.dumps(decoded, separators=(",", ":"), ensure_ascii=False)
+            encoded = text.encode("utf-8")
+            truncated = len(encoded) > self.max_bytes
+            if truncated:
+                text = encoded[: self.max_bytes].decode("utf-8", "ignore")
+        else:
+            if types is not None:
+                attributes["payload.decode_error"] = True
+            attributes["payload.encoding"] = "base64"
+            # Cut before encoding so the event holds at most max_bytes of base64 text.
+            keep = (self.max_bytes // 4) * 3
+            truncated = len(data) > keep
+            text = base64.b64encode(data[:keep] if truncated else data).decode("ascii")
+        attributes["payload"] = text
+        attributes["payload.truncated"] = truncated
+        return attributes
+
+
+def metadata_attributes(prefix: str, metadata: Metadata, redact: frozenset[str]) -> dict[str, Any]:
+    """gRPC metadata as ``<prefix>.<key>`` string-array attributes (the RPC conventions' form),
+    with redacted keys' values replaced and binary values base64-encoded."""
+    grouped: dict[str, list[str]] = {}
+    for key, value in metadata:
+        if key in redact:
+            text = REDACTED
+        elif isinstance(value, bytes):
+            text = base64.b64encode(value).decode("ascii")
+        else:
+            text = value
+        grouped.setdefault(f"{prefix}.{key}", []).append(text)
+    return {key: tuple(values) for key, values in grouped.items()}
+
+
+def _redact_tensors(node: Any, names: frozenset[str]) -> None:
+    if isinstance(node, dict):
+        if node.get("name") in names and "contents" in node:
+            node["contents"] = REDACTED
+        for value in node.values():
+            _redact_tensors(value, names)
+    elif isinstance(node, list):
+        for item in node:
+            _redact_tensors(item, names)

@@ -1,0 +1,409 @@
+"""One validated settings object for the proxy: command-line flags over a config file over defaults.
+
+OpenTelemetry's own variables (``OTEL_SERVICE_NAME``, ``OTEL_EXPORTER_OTLP_ENDPOINT``,
+``OTEL_EXPORTER_OTLP_PROTOCOL``, ``OTEL_BSP_*``, ``OTEL_TRACES_SAMPLER`` ...) keep their
+standard meaning; they are read by the OpenTelemetry SDK, and by :func:`default_exporters`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from proxy.errors import ConfigError
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m)?\s*$")
+EXPORTER_CHOICES = ("file", "otlp", "console", "none")
+# Metadata keys whose values never reach a trace, whatever the configuration says.
+ALWAYS_REDACTED_METADATA = ("authorization",)
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSettings:
+    """One model server the proxy calls."""
+
+    name: str
+    """Unique name of the backend; it names spans (``shadow <name>``) and log lines."""
+    address: str
+    """``HOST:PORT`` of the backend's gRPC listener (IPv6 as ``[::1]:PORT``)."""
+    sample_rate: float = 1.0
+    """Shadows only: the fraction of requests copied to this shadow, in [0, 1]. The decision
+    is a pure function of the request id, so the same id always gets the same decision."""
+    timeout: float | None = None
+    """Seconds a call to this backend may take. Shadows default to 5 s; production has no
+    cap of its own by default (the client's deadline bounds it)."""
+    max_in_flight: int = 256
+    """Shadows only: calls allowed in flight at once; a copy over the bound is dropped and
+    counted, never queued."""
+
+    def describe(self) -> str:
+        """A one-line description for logs."""
+        parts = [f"{self.name}={self.address}"]
+        if self.sample_rate != 1.0:
+            parts.append(f"sample={self.sample_rate:g}")
+        if self.timeout is not None:
+            parts.append(f"timeout={self.timeout:g}s")
+        return ",".join(parts)
+
+
+DEFAULT_SHADOW_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything ``shadow-proxy serve`` is configured with. Build it with :func:`load_settings`."""
+
+    production: BackendSettings
+    """The backend whose replies the clients get."""
+    shadows: tuple[BackendSettings, ...] = ()
+    """Backends that get a copy of (a sample of) the traffic; their replies are only recorded."""
+    listen: str = "127.0.0.1:50051"
+    """``HOST:PORT`` the proxy listens on; port 0 picks a free port."""
+    max_message_bytes: int = 4 * 1024 * 1024
+    """Largest request or reply the proxy accepts or forwards (gRPC's RESOURCE_EXHAUSTED over it)."""
+    shutdown_grace: float = 10.0
+    """Seconds in-flight production calls get to finish after SIGTERM/SIGINT."""
+    shadow_grace: float = 5.0
+    """Seconds in-flight shadow calls get to finish at shutdown before they are cancelled."""
+    health_interval: float = 2.0
+    """Seconds between checks of the production backend's health (the proxy's own health
+    is SERVING while production answers)."""
+    exporters: tuple[str, ...] = ("file",)
+    """Where spans go: any of ``file``, ``otlp``, ``console``; ``none`` turns tracing off."""
+    traces_file: Path = Path("shadow-traces.jsonl")
+    """The OTLP-JSON-lines file the ``file`` exporter appends to."""
+    otlp_protocol: str = "grpc"
+    """``grpc`` or ``http/protobuf`` for the ``otlp`` exporter (endpoint from OTEL_* variables)."""
+    record_payloads: bool = True
+    """Record request and reply payloads as span events."""
+    payload_max_bytes: int = 64 * 1024
+    """Cap on one recorded payload; a longer one is cut and flagged ``truncated``."""
+    redact_metadata: tuple[str, ...] = ALWAYS_REDACTED_METADATA
+    """Metadata keys whose values are replaced by ``[REDACTED]`` in traces."""
+    redact_tensors: tuple[str, ...] = ()
+    """Tensor names whose contents are replaced by ``[REDACTED]`` in recorded payloads."""
+    recorder_queue_size: int = 20_000
+    """Outcomes waiting to become spans; over it new outcomes are dropped and counted."""
+    log_level: str = "INFO"
+    """Python logging level for the proxy's own log lines (stderr)."""
+
+    @property
+    def backends(self) -> tuple[BackendSettings, ...]:
+        """Production first, then the shadows."""
+        return (self.production, *self.shadows)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_duration(text: str | float | int, what: str) -> float:
+    """``"2s"``, ``"500ms"``, ``"1.5"`` (seconds) or ``"1m"`` → seconds; must be > 0."""
+    if isinstance(text, bool):
+        raise ConfigError(f"{what}: expected a duration like 2s or 500ms, got {text!r}")
+    if isinstance(text, int | float):
+        seconds = float(text)
+    else:
+        match = _DURATION_RE.match(text)
+        if not match:
+            raise ConfigError(f"{what}: expected a duration like 2s or 500ms, got {text!r}")
+        number, unit = float(match.group(1)), match.group(2) or "s"
+        seconds = number * {"ms": 0.001, "s": 1.0, "m": 60.0}[unit]
+    if not seconds > 0:
+        raise ConfigError(f"{what}: a duration must be positive, got {text!r}")
+    return seconds
+
+
+def validate_address(address: str, what: str, *, allow_port_zero: bool = False) -> str:
+    """Check ``HOST:PORT`` (or ``[v6]:PORT``) and return it stripped."""
+    address = address.strip()
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ConfigError(f"{what}: expected HOST:PORT, got {address!r}")
+    if host.startswith("["):
+        if not host.endswith("]") or len(host) < 3:
+            raise ConfigError(f"{what}: malformed IPv6 address {address!r}; use [::1]:PORT")
+    elif ":" in host:
+        raise ConfigError(f"{what}: put an IPv6 host in brackets, like [::1]:PORT; got {address!r}")
+    elif not re.match(r"^[A-Za-z0-9.\-_]+$", host):
+        raise ConfigError(f"{what}: malformed host in {address!r}")
+    port = int(port_text)
+    low = 0 if allow_port_zero else 1
+    if not low <= port <= 65535:
+        raise ConfigError(f"{what}: port must be {low}..65535, got {port}")
+    return address
+
+
+def _sample_rate(value: Any, what: str) -> float:
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{what}: sample rate must be a number in [0, 1], got {value!r}"
+        ) from None
+    if not 0.0 <= rate <= 1.0:
+        raise ConfigError(f"{what}: sample rate must be in [0, 1], got {value!r}")
+    return rate
+
+
+def _positive_int(value: Any, what: str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: expected a positive whole number, got {value!r}") from None
+    if number < 1 or (isinstance(value, float) and value != number):
+        raise ConfigError(f"{what}: expected a positive whole number, got {value!r}")
+    return number
+
+
+_BACKEND_KEYS = {
+    "sample": "sample_rate",
+    "sample_rate": "sample_rate",
+    "timeout": "timeout",
+    "max_in_flight": "max_in_flight",
+    "max-in-flight": "max_in_flight",
+}
+
+
+def _backend(
+    name: Any, address: Any, options: Mapping[str, Any], what: str, role: str
+) -> BackendSettings:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(
+            f"{what}: backend name must be letters, digits, '.', '_' or '-' (1-63), got {name!r}"
+        )
+    if not isinstance(address, str):
+        raise ConfigError(f"{what}: backend {name!r} needs an address HOST:PORT")
+    fields: dict[str, Any] = {
+        "name": name,
+        "address": validate_address(address, f"{what} ({name})"),
+    }
+    for key, value in options.items():
+        target = _BACKEND_KEYS.get(key)
+        if target is None:
+            known = ", ".join(sorted({"sample", "timeout", "max_in_flight"}))
+            raise ConfigError(
+                f"{what}: unknown backend option {key!r} for {name!r}; known: {known}"
+            )
+        if target == "sample_rate":
+            fields[target] = _sample_rate(value, f"{what} ({name})")
+        elif target == "timeout":
+            fields[target] = parse_duration(value, f"{what} ({name}) timeout")
+        else:
+            fields[target] = _positive_int(value, f"{what} ({name}) max_in_flight")
+    if role == "production" and "sample_rate" in fields and fields["sample_rate"] != 1.0:
+        raise ConfigError(
+            f"{what}: production always gets every request; drop 'sample' for {name!r}"
+        )
+    if role == "shadow" and "timeout" not in fields:
+        fields["timeout"] = DEFAULT_SHADOW_TIMEOUT
+    return BackendSettings(**fields)
+
+
+def parse_backend_spec(spec: str, role: str, what: str | None = None) -> BackendSettings:
+    """Parse ``NAME=HOST:PORT[,sample=0.25][,timeout=2s][,max_in_flight=64]``."""
+    what = what or f"--{role}"
+    head, *option_parts = spec.split(",")
+    name, sep, address = head.partition("=")
+    if not sep:
+        raise ConfigError(f"{what}: expected NAME=HOST:PORT[,sample=F][,timeout=D], got {spec!r}")
+    options: dict[str, str] = {}
+    for part in option_parts:
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ConfigError(
+                f"{what}: expected key=value after the address, got {part!r} in {spec!r}"
+            )
+        options[key.strip()] = value.strip()
+    return _backend(name.strip(), address.strip(), options, what, role)
+
+
+def _backend_from_config(entry: Any, role: str, what: str) -> BackendSettings:
+    if isinstance(entry, str):
+        return parse_backend_spec(entry, role, what)
+    if isinstance(entry, Mapping):
+        rest = {k: v for k, v in entry.items() if k not in ("name", "address")}
+        return _backend(entry.get("name"), entry.get("address"), rest, what, role)
+    raise ConfigError(f"{what}: expected 'NAME=HOST:PORT' or a mapping with name and address")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a YAML (.yaml/.yml), TOML (.toml) or JSON (.json) config file into a dict."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        if path.suffix == ".toml":
+            data: Any = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"--config: {path} is not valid {path.suffix or 'YAML'}: {first_line}"
+        ) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of settings at the top level")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def default_exporters(environ: Mapping[str, str] = os.environ) -> tuple[str, ...]:
+    """The exporters used when neither a flag nor the config file names any.
+
+    ``OTEL_TRACES_EXPORTER`` is honoured (``otlp``, ``console``, ``none``, and our ``file``);
+    otherwise the local file, plus OTLP when an OTLP endpoint is set in the environment, so
+    that setting ``OTEL_EXPORTER_OTLP_ENDPOINT`` alone sends the traces to Jaeger too.
+    """
+    chosen = environ.get("OTEL_TRACES_EXPORTER", "").strip()
+    if chosen:
+        return parse_exporters(chosen, "OTEL_TRACES_EXPORTER")
+    if environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    ):
+        return ("file", "otlp")
+    return ("file",)
+
+
+def parse_exporters(value: str | Iterable[str], what: str) -> tuple[str, ...]:
+    """``"file,otlp"`` or ``["file", "otlp"]`` → a validated tuple; ``none`` means no tracing."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = tuple(dict.fromkeys(str(item).strip().lower() for item in items if str(item).strip()))
+    for name in names:
+        if name not in EXPORTER_CHOICES:
+            raise ConfigError(
+                f"{what}: unknown exporter {name!r}; choose from {', '.join(EXPORTER_CHOICES)}"
+            )
+    if "none" in names:
+        if len(names) > 1:
+            raise ConfigError(f"{what}: 'none' cannot be combined with other exporters")
+        return ()
+    return names
+
+
+def default_otlp_protocol(environ: Mapping[str, str] = os.environ) -> str:
+    """The OTLP protocol from the standard variables, ``grpc`` when unset."""
+    return (
+        environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "grpc"
+    ).strip()
+
+
+def load_settings(
+    *,
+    config: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] = os.environ,
+) -> Settings:
+    """Merge a config-file mapping with command-line overrides (flags win) into Settings.
+
+    In both mappings ``production`` is ``"NAME=HOST:PORT"`` or a mapping, ``shadows`` a list
+    of those. A flag's shadow replaces the file's shadow of the same name and adds any other.
+    Every problem raises :class:`ConfigError` with one line that says what to fix.
+    """
+    config = dict(config or {})
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    known = {f.name for f in dataclasses.fields(Settings)}
+    for key in config:
+        if key not in known:
+            raise ConfigError(
+                f"--config: unknown setting {key!r}; known: {', '.join(sorted(known))}"
+            )
+
+    production_entry = overrides.get("production", config.get("production"))
+    if production_entry is None:
+        raise ConfigError(
+            "no production backend: pass --production NAME=HOST:PORT (or set it in --config)"
+        )
+    production = _backend_from_config(production_entry, "production", "production")
+
+    shadows: dict[str, BackendSettings] = {}
+    file_shadows = config.get("shadows", [])
+    if not isinstance(file_shadows, list):
+        raise ConfigError("--config: 'shadows' must be a list")
+    for entry in file_shadows:
+        shadow = _backend_from_config(entry, "shadow", "--config shadows")
+        if shadow.name in shadows:
+            raise ConfigError(f"--config: duplicate backend name {shadow.name!r}")
+        shadows[shadow.name] = shadow
+    seen_flags: set[str] = set()
+    for entry in overrides.get("shadows", []):
+        shadow = _backend_from_config(entry, "shadow", "--shadow")
+        if shadow.name in seen_flags:
+            raise ConfigError(f"--shadow: duplicate backend name {shadow.name!r}")
+        seen_flags.add(shadow.name)
+        shadows[shadow.name] = shadow
+    if production.name in shadows:
+        raise ConfigError(
+            f"duplicate backend name {production.name!r}: production and a shadow share it"
+        )
+
+    merged = {**config, **overrides}
+    values: dict[str, Any] = {"production": production, "shadows": tuple(shadows.values())}
+    if "listen" in merged:
+        values["listen"] = validate_address(str(merged["listen"]), "--listen", allow_port_zero=True)
+    for key in ("shutdown_grace", "shadow_grace", "health_interval"):
+        if key in merged:
+            values[key] = parse_duration(merged[key], f"--{key.replace('_', '-')}")
+    for key in ("max_message_bytes", "payload_max_bytes", "recorder_queue_size"):
+        if key in merged:
+            values[key] = _positive_int(merged[key], f"--{key.replace('_', '-')}")
+    values["exporters"] = (
+        parse_exporters(merged["exporters"], "--exporter")
+        if "exporters" in merged
+        else default_exporters(environ)
+    )
+    if "traces_file" in merged:
+        values["traces_file"] = Path(merged["traces_file"])
+    protocol = str(merged.get("otlp_protocol") or default_otlp_protocol(environ))
+    if protocol not in ("grpc", "http/protobuf"):
+        raise ConfigError(f"OTLP protocol must be grpc or http/protobuf, got {protocol!r}")
+    values["otlp_protocol"] = protocol
+    if "record_payloads" in merged:
+        if not isinstance(merged["record_payloads"], bool):
+            raise ConfigError("record_payloads must be true or false")
+        values["record_payloads"] = merged["record_payloads"]
+    for key in ("redact_metadata", "redact_tensors"):
+        if key in merged:
+            items = merged[key]
+            if isinstance(items, str):
+                items = [items]
+            if not isinstance(items, list | tuple):
+                raise ConfigError(f"{key} must be a list of names")
+            names = [str(item).strip() for item in items if str(item).strip()]
+            if key == "redact_metadata":
+                names = [*ALWAYS_REDACTED_METADATA, *(n.lower() for n in names)]
+            values[key] = tuple(dict.fromkeys(names))
+    if "log_level" in merged:
+        level = str(merged["log_level"]).upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(
+                f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {merged['log_level']!r}"
+            )
+        values["log_level"] = level
+    return Settings(**values)
+
+
+__all__ = [
+    "BackendSettings",
+    "Settings",
+    "load_settings",
+    "parse_backend_spec",
+    "parse_duration",
+    "read_config_file",
+    "validate_address",
+]

@@ -1,0 +1,202 @@
+"""Fire-and-forget shadow calls: bounded per shadow, own timeout, drop-and-count, drain on close."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from grpc import aio
+
+from proxy.records import BackendOutcome, Metadata, TraceContext
+from proxy.sampling import should_shadow
+from proxy.upstream import Upstream, came_from_backend
+
+log = logging.getLogger(__name__)
+
+SHADOW_MARKER = ("x-shadow", "true")
+
+
+@dataclass(slots=True)
+class ShadowStats:
+    """Counters for one shadow backend, read by logs, the demo and tests."""
+
+    sent: int = 0
+    ok: int = 0
+    failed: int = 0
+    timed_out: int = 0
+    dropped: int = 0
+    """Copies not sent because the shadow already had max_in_flight calls in flight."""
+    sampled_out: int = 0
+    cancelled: int = 0
+    """Calls still in flight when the shutdown grace ran out."""
+    errors_by_code: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return (
+            f"sent={self.sent} ok={self.ok} failed={self.failed} timed_out={self.timed_out} "
+            f"dropped={self.dropped} sampled_out={self.sampled_out} cancelled={self.cancelled}"
+        )
+
+
+class _Shadow:
+    __slots__ = ("backend", "in_flight", "stats", "upstream")
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.backend = upstream.backend
+        self.in_flight = 0
+        self.stats = ShadowStats()
+
+
+@dataclass(slots=True, frozen=True)
+class ShadowDecision:
+    """Which shadows got a copy of one request, for the proxy span."""
+
+    sent: tuple[str, ...] = ()
+    dropped: tuple[str, ...] = ()
+    sampled_out: tuple[str, ...] = ()
+
+
+NO_SHADOWS = ShadowDecision()
+
+
+class ShadowWriter:
+    """Owns every shadow call: starts them, bounds them, hands each outcome to the recorder.
+
+    A shadow call never affects the caller: it runs in a task of its own with its own
+    deadline, so it outlives the client call, and nothing it does can raise into the request.
+    """
+
+    def __init__(
+        self, upstreams: Sequence[Upstream], record: Callable[[BackendOutcome], None]
+    ) -> None:
+        self._shadows = [_Shadow(upstream) for upstream in upstreams]
+        self._record = record
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    @property
+    def stats(self) -> dict[str, ShadowStats]:
+        return {shadow.backend.name: shadow.stats for shadow in self._shadows}
+
+    def in_flight(self) -> dict[str, int]:
+        return {shadow.backend.name: shadow.in_flight for shadow in self._shadows}
+
+    def send(
+        self, method: str, request: bytes, metadata: Metadata, request_id: str, trace: TraceContext
+    ) -> ShadowDecision:
+        """Start a copy of the request to every shadow that samples it and has room."""
+        if not self._shadows:
+            return NO_SHADOWS
+        sent: list[str] = []
+        dropped: list[str] = []
+        sampled_out: list[str] = []
+        for shadow in self._shadows:
+            backend = shadow.backend
+            if not should_shadow(request_id, backend.sample_rate):
+                shadow.stats.sampled_out += 1
+                sampled_out.append(backend.name)
+                continue
+            if shadow.in_flight >= backend.max_in_flight or self._closing:
+                # Shed shadow load, never production load: the copy is dropped, not queued.
+                shadow.stats.dropped += 1
+                dropped.append(backend.name)
+                continue
+            shadow.in_flight += 1
+            shadow.stats.sent += 1
+            sent.append(backend.name)
+            task = asyncio.create_task(
+                self._call(shadow, method, request, metadata, request_id, trace)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return ShadowDecision(tuple(sent), tuple(dropped), tuple(sampled_out))
+
+    async def _call(
+        self,
+        shadow: _Shadow,
+        method: str,
+        request: bytes,
+        metadata: Metadata,
+        request_id: str,
+        trace: TraceContext,
+    ) -> None:
+        span_id = random.getrandbits(64) or 1
+        outgoing = (*metadata, ("traceparent", trace.traceparent(span_id)), SHADOW_MARKER)
+        start_ns = time.time_ns()
+        reply: bytes | None = None
+        trailing: Metadata = ()
+        from_backend = True
+        try:
+            call = shadow.upstream.method(method)(
+                request, timeout=shadow.backend.timeout, metadata=outgoing
+            )
+            reply = await call
+            code, details = grpc.StatusCode.OK, ""
+            trailing = tuple(await call.trailing_metadata() or ())
+        except aio.AioRpcError as error:
+            code, details = error.code(), error.details() or ""
+            trailing = tuple(error.trailing_metadata() or ())
+            from_backend = came_from_backend(error)
+        except asyncio.CancelledError:
+            code, details = grpc.StatusCode.CANCELLED, "shadow call cancelled: proxy shutting down"
+            from_backend = False
+        except Exception as exc:  # a shadow must never take the proxy down
+            log.exception("shadow %s: unexpected error", shadow.backend.name)
+            code, details = grpc.StatusCode.INTERNAL, f"proxy error: {exc}"
+            from_backend = False
+        finally:
+            shadow.in_flight -= 1
+        stats = shadow.stats
+        if code is grpc.StatusCode.OK:
+            stats.ok += 1
+        elif code is grpc.StatusCode.CANCELLED and not from_backend:
+            stats.cancelled += 1
+        else:
+            stats.failed += 1
+            if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                stats.timed_out += 1
+            stats.errors_by_code[code.name] = stats.errors_by_code.get(code.name, 0) + 1
+        self._record(
+            BackendOutcome(
+                role="shadow",
+                name=shadow.backend.name,
+                address=shadow.backend.address,
+                method=method,
+                request_id=request_id,
+                trace=trace,
+                span_id=span_id,
+                start_ns=start_ns,
+                end_ns=time.time_ns(),
+                code=code,
+                details=details,
+                reply=reply,
+                trailing_metadata=trailing,
+                request_size=len(request),
+                from_backend=from_backend,
+            )
+        )
+
+    async def drain(self, grace: float) -> None:
+        """Stop sending; give in-flight shadow calls ``grace`` seconds, then cancel the rest.
+
+        Cancelled calls are still recorded (status CANCELLED), so the record has every call.
+        """
+        self._closing = True
+        pending = set(self._tasks)
+        if not pending:
+            return
+        log.info("waiting up to %.1fs for %d in-flight shadow calls", grace, len(pending))
+        _, still_pending = await asyncio.wait(pending, timeout=grace)
+        if still_pending:
+            log.warning(
+                "cancelling %d shadow calls still in flight after %.1fs", len(still_pending), grace
+            )
+            for task in still_pending:
+                task.cancel()
+            await asyncio.gather(*still_pending, return_exceptions=True)

@@ -1,0 +1,84 @@
+"""One gRPC channel per backend address; unary calls of raw bytes with deadline and metadata."""
+
+from __future__ import annotations
+
+import grpc
+from grpc import aio
+
+from proxy.settings import BackendSettings
+
+# A client could send calls to endless made-up method names; keep a bounded cache of stubs.
+_MAX_CACHED_METHODS = 1024
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Channel and server options shared by the proxy's listener and its backend channels."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+class Upstream:
+    """A backend's channel; hands out byte-in, byte-out callables per method path."""
+
+    def __init__(self, backend: BackendSettings, *, max_message_bytes: int) -> None:
+        self.backend = backend
+        self.host, self.port = _split_address(backend.address)
+        self.channel = aio.insecure_channel(
+            backend.address, options=channel_options(max_message_bytes)
+        )
+        self._methods: dict[str, aio.UnaryUnaryMultiCallable] = {}
+
+    def method(self, path: str) -> aio.UnaryUnaryMultiCallable:
+        """The callable for ``/package.Service/Method``; no (de)serializer, so bytes pass through."""
+        callable_ = self._methods.get(path)
+        if callable_ is None:
+            callable_ = self.channel.unary_unary(path)
+            if len(self._methods) < _MAX_CACHED_METHODS:
+                self._methods[path] = callable_
+        return callable_
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+# Wordings gRPC core uses for statuses it makes itself when a backend cannot be reached.
+_CHANNEL_MADE_UNAVAILABLE = (
+    "failed to connect to all addresses",
+    "connections to all backends failing",
+    "connection refused",
+    "connection reset",
+    "socket closed",
+    "broken pipe",
+    "goaway",
+    "endpoint closing",
+    "stream removed",
+    "keepalive watchdog",
+    "dns resolution failed",
+)
+
+
+def came_from_backend(error: grpc.aio.AioRpcError) -> bool:
+    """True when the backend sent this status, False when the proxy's channel made it
+    (connection refused or reset, deadline passed, cancelled, message over the size limit).
+
+    gRPC Python exposes no flag for where a status came from, so this reads the wording
+    gRPC core uses for the statuses it makes; a backend's own statuses pass through as sent.
+    """
+    code = error.code()
+    details = (error.details() or "").lower()
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return not any(marker in details for marker in _CHANNEL_MADE_UNAVAILABLE)
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return details != "deadline exceeded"
+    if code is grpc.StatusCode.CANCELLED:
+        return False
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return "message larger than max" not in details
+    return True
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
