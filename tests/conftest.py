@@ -52,10 +52,14 @@ async def make_proxy() -> AsyncIterator[ProxyFactory]:
     started: list[ProxyServer] = []
 
     async def make(
-        production: str, shadows: list[str] = (), **overrides: Any  # type: ignore[assignment]
+        production: str,
+        shadows: list[str] = (),
+        **overrides: Any,  # type: ignore[assignment]
     ) -> tuple[ProxyServer, InMemorySpanExporter]:
         exporter = InMemorySpanExporter()
-        proxy = ProxyServer(proxy_settings(production, shadows, **overrides), span_exporters=[exporter])
+        proxy = ProxyServer(
+            proxy_settings(production, shadows, **overrides), span_exporters=[exporter]
+        )
         await proxy.start()
         started.append(proxy)
         return proxy, exporter
