@@ -1,0 +1,270 @@
+"""The grpc.aio model server: predict.v1 over a fitted model, with health, reflection and faults."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from model_servers.models import FAMILY, MODELS, ModelSpec, fitted_model
+from model_servers.predictor import InvalidRequest, Predictor, RequestError, UnknownModel
+from proxy.gen import predict_pb2
+
+__all__ = [
+    "PREDICTION_SERVICE",
+    "RECEIVED_MAXLEN",
+    "BindError",
+    "ModelServerOptions",
+    "ReceivedCall",
+    "RunningModelServer",
+    "parse_listen",
+    "start_model_server",
+]
+
+logger = logging.getLogger(__name__)
+
+PREDICTION_SERVICE: str = predict_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name
+"""The full gRPC service name, "predict.v1.PredictionService"."""
+
+RECEIVED_MAXLEN = 10_000
+"""How many calls RunningModelServer.received remembers; older ones are dropped."""
+
+# Each error class maps to one status code, here at the edge and nowhere else.
+_STATUS_OF: dict[type[RequestError], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    UnknownModel: grpc.StatusCode.NOT_FOUND,
+}
+
+# A wildcard listen address accepts connections on loopback too; tell clients to dial that.
+_DIALABLE_HOST = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+
+
+class BindError(OSError):
+    """The server could not listen on the requested address (for example, port in use)."""
+
+
+@dataclass(frozen=True)
+class ModelServerOptions:
+    """How to run one model server. Validated on construction (ValueError)."""
+
+    listen: str = "127.0.0.1:0"
+    """HOST:PORT to listen on ("[::1]:PORT" for IPv6); port 0 picks any free port."""
+    model: str = "logreg-v1"
+    """The model to serve, a key of model_servers.models.MODELS."""
+    latency_ms: float = 0.0
+    """Added delay before every answer, in milliseconds."""
+    latency_jitter_ms: float = 0.0
+    """The delay varies uniformly by up to this much either way (never below 0)."""
+    error_rate: float = 0.0
+    """The fraction of calls, in [0, 1], answered UNAVAILABLE instead of a prediction."""
+    hang: bool = False
+    """Accept calls and never answer them (until the server stops)."""
+    seed: int | None = None
+    """Seeds the random choices of jitter and injected errors; None seeds from the OS."""
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(
+                f"unknown model {self.model!r}; known models: {', '.join(sorted(MODELS))}"
+            )
+        for name in ("latency_ms", "latency_jitter_ms"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not (0.0 <= self.error_rate <= 1.0):  # also rejects NaN
+            raise ValueError(f"error_rate must be between 0 and 1, got {self.error_rate!r}")
+        parse_listen(self.listen)
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """Split "HOST:PORT" (or "[IPv6]:PORT") into host and port; ValueError if malformed."""
+    host, sep, port_text = listen.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        host = ""  # an unbracketed IPv6 address is ambiguous
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(
+            f"listen address must be HOST:PORT with PORT in 0..65535 "
+            f"(IPv6 as [ADDR]:PORT), got {listen!r}"
+        )
+    return host, int(port_text)
+
+
+@dataclass(frozen=True)
+class ReceivedCall:
+    """One Predict call as the server received it, before any validation."""
+
+    request_bytes: bytes
+    """The request exactly as it arrived on the wire."""
+    metadata: tuple[tuple[str, str | bytes], ...]
+    """The invocation metadata, in arrival order (binary "-bin" values are bytes)."""
+    received_at: float
+    """time.monotonic() when the call arrived."""
+
+
+class _PredictionServicer:
+    """The Predict handler: records each call, injects faults, then asks the Predictor."""
+
+    def __init__(self, predictor: Predictor, options: ModelServerOptions) -> None:
+        self._predictor = predictor
+        self._options = options
+        self._random = random.Random(options.seed)
+        # Set only by stop(): hung calls wait on it, so a stopping server need not wait
+        # out its whole grace period for calls that would never finish.
+        self._stopping = asyncio.Event()
+        self.received: collections.deque[ReceivedCall] = collections.deque(maxlen=RECEIVED_MAXLEN)
+        self.calls = 0
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        # No (de)serializers: the handler gets the raw bytes, so `received` records them
+        # exactly, and an undecodable request becomes a clear INVALID_ARGUMENT.
+        return grpc.method_handlers_generic_handler(
+            PREDICTION_SERVICE, {"Predict": grpc.unary_unary_rpc_method_handler(self.predict)}
+        )
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def predict(self, request_bytes: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        self.calls += 1
+        call_number = self.calls  # self.calls moves on while this call awaits
+        metadata = tuple((key, value) for key, value in context.invocation_metadata() or ())
+        self.received.append(ReceivedCall(request_bytes, metadata, time.monotonic()))
+        options = self._options
+
+        if options.hang:
+            await self._stopping.wait()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "model server is stopping (--hang)")
+
+        delay_ms = options.latency_ms
+        if options.latency_jitter_ms:
+            jitter = options.latency_jitter_ms
+            delay_ms = max(0.0, delay_ms + self._random.uniform(-jitter, jitter))
+        if delay_ms > 0:
+            await asyncio.sleep(delay_ms / 1000)
+
+        # random() is in [0, 1): error_rate 0 never fails, error_rate 1 always does.
+        if self._random.random() < options.error_rate:
+            logger.debug("call %d: injected UNAVAILABLE", call_number)
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"injected failure (--error-rate {options.error_rate:g})",
+            )
+
+        request_id = next((str(v) for k, v in metadata if k == "x-request-id"), "")
+        try:
+            # Inline, not in a thread: a batch of rows takes well under a millisecond.
+            return self._predictor.predict_bytes(request_bytes, request_id)
+        except RequestError as exc:
+            code = _STATUS_OF[type(exc)]
+            logger.debug("call %d: %s: %s", call_number, code.name, exc)
+            await context.abort(code, str(exc))
+        except Exception as exc:
+            logger.exception("prediction failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"prediction failed: {exc!r}")
+        raise AssertionError("unreachable: context.abort() raises")
+
+
+class RunningModelServer:
+    """A started model server. Stop it with `await server.stop()`."""
+
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        servicer: _PredictionServicer,
+        health_servicer: health.aio.HealthServicer,
+        model: ModelSpec,
+        options: ModelServerOptions,
+        host: str,
+        port: int,
+    ) -> None:
+        self._server = server
+        self._servicer = servicer
+        self._health = health_servicer
+        self.model = model
+        self.options = options
+        self.port = port
+        # Where clients dial it, e.g. "127.0.0.1:PORT" (loopback for a wildcard host).
+        dial_host = _DIALABLE_HOST.get(host, host)
+        self.address = f"[{dial_host}]:{port}" if ":" in dial_host else f"{dial_host}:{port}"
+
+    @property
+    def received(self) -> collections.deque[ReceivedCall]:
+        """The last RECEIVED_MAXLEN Predict calls, oldest first, valid or not."""
+        return self._servicer.received
+
+    @property
+    def calls(self) -> int:
+        """How many Predict calls arrived, including rejected and failed ones."""
+        return self._servicer.calls
+
+    def describe(self) -> str:
+        """A one-line summary for logs: model, version, family and address."""
+        return (
+            f"{self.model.name} (version {self.model.version}, {FAMILY}) on {self.address}"
+            + _fault_summary(self.options)
+        )
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        """Stop accepting calls, let calls in flight finish within `grace` seconds, stop.
+
+        Calls held by `hang` end at once with UNAVAILABLE. Safe to call more than once.
+        """
+        await self._health.enter_graceful_shutdown()
+        self._servicer.stop()
+        await self._server.stop(grace)
+
+
+async def start_model_server(options: ModelServerOptions) -> RunningModelServer:
+    """Train (or reuse) the model, bind `options.listen`, and start serving.
+
+    Raises BindError when the address cannot be bound.
+    """
+    # Training takes ~0.2 s the first time; a thread keeps the event loop responsive.
+    model = await asyncio.to_thread(fitted_model, options.model)
+    host, _ = parse_listen(options.listen)
+    servicer = _PredictionServicer(Predictor(model), options)
+    # gRPC sets SO_REUSEPORT by default, which would let a second server "bind" a port
+    # already in use and silently share its traffic; turn it off so that fails loudly.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers((servicer.generic_handler(),))
+
+    health_servicer = health.aio.HealthServicer()
+    for service in ("", PREDICTION_SERVICE):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (PREDICTION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+
+    try:
+        port = server.add_insecure_port(options.listen)
+    except RuntimeError as exc:
+        await server.stop(None)
+        raise BindError(
+            f"cannot listen on {options.listen}: the port is in use or the address is "
+            "not available on this machine"
+        ) from exc
+    await server.start()
+    running = RunningModelServer(server, servicer, health_servicer, model.spec, options, host, port)
+    return running
+
+
+def _fault_summary(options: ModelServerOptions) -> str:
+    faults = []
+    if options.latency_ms or options.latency_jitter_ms:
+        faults.append(f"latency {options.latency_ms:g}±{options.latency_jitter_ms:g} ms")
+    if options.error_rate:
+        faults.append(f"error rate {options.error_rate:g}")
+    if options.hang:
+        faults.append("hanging every call")
+    return f" [injecting {', '.join(faults)}]" if faults else ""

@@ -1,0 +1,1 @@
+"""Read what the proxy recorded and compare production with its shadows."""

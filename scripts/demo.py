@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""The demo: a production model and a candidate behind the shadow proxy, every call traced.
+
+Starts two real model servers (logistic regression v1 in production, gradient boosting v2
+as the candidate shadow) and the proxy on free loopback ports, sends the held-out part of
+the breast-cancer data set through the proxy, stops everything cleanly and prints what
+was recorded. Run it as ``./scripts/demo.sh`` (which sets up .venv first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc import aio
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from model_servers.models import heldout  # noqa: E402
+from proxy.compare.agreement import labels_agree  # noqa: E402
+from proxy.compare.traces import read_calls  # noqa: E402
+from proxy.gen import predict_pb2, predict_pb2_grpc  # noqa: E402
+from proxy.tensors import to_tensor  # noqa: E402
+
+
+def _start(name: str, args: list[str], out: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    ready = out / f"{name}.ready"
+    ready.unlink(missing_ok=True)
+    log = (out / f"{name}.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", *args, "--ready-file", str(ready)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    return process, ready
+
+
+def _wait_ready(name: str, process: subprocess.Popen[bytes], ready: Path, out: Path) -> str:
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        if process.poll() is not None:
+            log = (out / f"{name}.log").read_text(errors="replace")
+            raise SystemExit(f"demo: {name} exited with {process.returncode}:\n{log}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise SystemExit(f"demo: {name} did not start within 60 s; see {out / (name + '.log')}")
+        time.sleep(0.05)
+    return ready.read_text().strip()
+
+
+def _stop(name: str, process: subprocess.Popen[bytes]) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        print(f"demo: {name} did not stop within 30 s and was killed", file=sys.stderr)
+        return process.wait()
+
+
+async def _send(
+    address: str, limit: int | None, concurrency: int
+) -> tuple[dict[str, int], list[float], int]:
+    """Send the held-out rows; return production's label per request id, latencies, errors."""
+    features, _truth = heldout()
+    if limit is not None:
+        features = features[:limit]
+    labels: dict[str, int] = {}
+    latencies: list[float] = []
+    errors = 0
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for index in range(len(features)):
+        queue.put_nowait(index)
+    async with aio.insecure_channel(address) as channel:
+        stub = predict_pb2_grpc.PredictionServiceStub(channel)
+        with tqdm(total=len(features), desc="requests", unit="req", file=sys.stdout) as progress:
+
+            async def worker() -> None:
+                nonlocal errors
+                while not queue.empty():
+                    index = queue.get_nowait()
+                    request_id = f"demo-{index:04d}"
+                    request = predict_pb2.PredictRequest(
+                        model_name="breast-cancer",
+                        request_id=request_id,
+                        inputs=[to_tensor("features", features[index : index + 1])],
+                    )
+                    start = time.perf_counter()
+                    try:
+                        reply = await stub.Predict(request, timeout=10)
+                        latencies.append(time.perf_counter() - start)
+                        label = next(o for o in reply.outputs if o.name == "label")
+                        labels[request_id] = int(label.contents.int64_contents[0])
+                    except grpc.aio.AioRpcError as error:
+                        errors += 1
+                        tqdm.write(f"  {request_id}: {error.code().name}: {error.details()}")
+                    progress.update(1)
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return labels, latencies, errors
+
+
+def _summary(traces: Path, sent: int, errors: int, latencies: list[float], shadow: str) -> None:
+    calls = read_calls(traces)
+    spans = sum(1 + (c.production is not None) + len(c.shadows) for c in calls)
+    completed = failed = agreed = compared = 0
+    dropped = sum(1 for c in calls if shadow in c.dropped)
+    disagreements: list[str] = []
+    for call in calls:
+        result = call.shadows.get(shadow)
+        if result is None:
+            continue
+        if result.status_code != 0:
+            failed += 1
+            continue
+        completed += 1
+        if call.production and call.production.reply and result.reply:
+            compared += 1
+            if labels_agree(call.production.reply, result.reply):
+                agreed += 1
+            else:
+                disagreements.append(call.request_id)
+    p50 = statistics.median(latencies) * 1000 if latencies else float("nan")
+    print()
+    print("Shadow rollout demo: summary")
+    print(f"  requests sent               {sent}")
+    print(f"  production errors           {errors}")
+    print(f"  production latency p50      {p50:.1f} ms (client side, through the proxy)")
+    print(
+        f"  shadow '{shadow}' calls     completed {completed}, failed {failed}, dropped {dropped}"
+    )
+    if compared:
+        print(
+            f"  agreement with production   {agreed}/{compared} "
+            f"({100.0 * agreed / compared:.1f}%) same predicted label"
+        )
+    if disagreements:
+        shown = ", ".join(disagreements[:8])
+        print(f"  disagreeing request ids     {shown}{' ...' if len(disagreements) > 8 else ''}")
+    print(f"  traces file                 {traces} ({len(calls)} calls, {spans} spans)")
+    print()
+    print("Look at the traces in Jaeger:")
+    print("  docker run --rm -p 16686:16686 -p 4317:4317 jaegertracing/jaeger:latest")
+    print("  OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4317 ./scripts/demo.sh")
+    print("  then open http://localhost:16686 and pick the service 'shadow-proxy'")
+    print(
+        f"  (or load {traces.name} in Jaeger's UI: Search > Upload; see README 'Traces in Jaeger')"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "demo-output",
+        help="folder for the traces file and logs (default demo-output/)",
+    )
+    parser.add_argument(
+        "--requests", type=int, help="send only the first N held-out rows (default: all)"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=4, help="calls in flight at once (default 4)"
+    )
+    parser.add_argument(
+        "--shadow-latency-ms",
+        type=float,
+        default=0.0,
+        help="make the candidate slower, to see that production does not wait for it",
+    )
+    args = parser.parse_args(argv)
+
+    out: Path = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    traces = out / "traces.jsonl"
+    traces.unlink(missing_ok=True)
+    started: list[tuple[str, subprocess.Popen[bytes]]] = []
+    try:
+        print(f"demo: starting two model servers and the proxy (logs in {out})")
+        production, production_ready = _start(
+            "production", ["model_servers", "--listen", "127.0.0.1:0", "--model", "logreg-v1"], out
+        )
+        started.append(("production", production))
+        candidate, candidate_ready = _start(
+            "candidate",
+            ["model_servers", "--listen", "127.0.0.1:0", "--model", "gboost-v2",
+             "--latency-ms", str(args.shadow_latency_ms)],
+            out,
+        )  # fmt: skip
+        started.append(("candidate", candidate))
+        production_address = _wait_ready("production", production, production_ready, out)
+        candidate_address = _wait_ready("candidate", candidate, candidate_ready, out)
+        print(
+            f"demo: production logreg-v1 on {production_address}, candidate gboost-v2 on {candidate_address}"
+        )
+        proxy, proxy_ready = _start(
+            "proxy",
+            ["proxy", "serve", "--listen", "127.0.0.1:0",
+             "--production", f"production={production_address}",
+             "--shadow", f"candidate={candidate_address}",
+             "--traces-file", str(traces)],
+            out,
+        )  # fmt: skip
+        started.append(("proxy", proxy))
+        proxy_address = _wait_ready("proxy", proxy, proxy_ready, out)
+        otlp = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        print(
+            f"demo: proxy on {proxy_address}; traces to {traces}" + (f" and {otlp}" if otlp else "")
+        )
+
+        labels, latencies, errors = asyncio.run(
+            _send(proxy_address, args.requests, args.concurrency)
+        )
+
+        print("demo: stopping the proxy (it drains shadows and flushes traces), then the models")
+        code = _stop("proxy", proxy)
+        started.remove(("proxy", proxy))
+        if code != 0:
+            print(f"demo: the proxy exited with {code}; see {out / 'proxy.log'}", file=sys.stderr)
+        sent = len(labels) + errors
+        _summary(traces, sent, errors, latencies, "candidate")
+        return 0 if code == 0 and errors == 0 else 1
+    finally:
+        for name, process in reversed(started):
+            _stop(name, process)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
