@@ -177,6 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(sub)
+    merge = sub.add_parser(
+        "merge-traces",
+        help="turn a traces file into one JSON document for the Jaeger UI's upload",
+        description=(
+            "The proxy's traces file holds one OTLP JSON document per line; the Jaeger UI's "
+            "'Upload JSON' wants a single document. This writes one."
+        ),
+    )
+    merge.add_argument(
+        "traces_file", type=Path, metavar="TRACES_FILE", help="the proxy's OTLP JSON lines file"
+    )
+    merge.add_argument(
+        "-o",
+        "--out",
+        type=Path,
+        required=True,
+        metavar="OUT.json",
+        help="where to write the merged document",
+    )
     return parser
 
 
@@ -232,6 +251,19 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         except KeyboardInterrupt:
             return 130
+    if args.command == "merge-traces":
+        from proxy.compare.traces import merge_for_upload
+
+        try:
+            spans = merge_for_upload(args.traces_file, args.out)
+        except OSError as exc:
+            print(f"{PROG}: error: cannot read or write {exc.filename}: {exc.strerror}", file=sys.stderr)
+            return 2
+        except ValueError as exc:
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {spans} spans to {args.out}")
+        return 0
     parser.error(f"unknown command {args.command!r}")
     return 2
 

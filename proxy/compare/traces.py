@@ -121,3 +121,27 @@ def read_calls(path: Path) -> list[RecordedCall]:
         else:
             call.shadows[backend.name] = backend
     return sorted(calls.values(), key=lambda c: c.start_ns)
+
+
+def merge_for_upload(path: Path, out: Path) -> int:
+    """Write the file's lines as one OTLP JSON document (``{"resourceSpans": [...]}``), the
+    form the Jaeger UI's "Upload JSON" accepts; returns the number of spans written."""
+    resource_spans: list[Any] = []
+    spans = 0
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                document = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
+            if not isinstance(document, dict) or "resourceSpans" not in document:
+                raise ValueError(f"{path}:{number}: not an OTLP traces document (no resourceSpans)")
+            for entry in document["resourceSpans"]:
+                spans += sum(len(s.get("spans", [])) for s in entry.get("scopeSpans", []))
+                resource_spans.append(entry)
+    out.write_text(
+        json.dumps({"resourceSpans": resource_spans}, separators=(",", ":")), encoding="utf-8"
+    )
+    return spans
