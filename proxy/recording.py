@@ -124,7 +124,11 @@ class Recorder:
                 return False
             time.sleep(0.005)
         provider = self._telemetry.provider
-        return provider.force_flush(int(max(0.0, deadline - time.monotonic()) * 1000)) if provider else True
+        return (
+            provider.force_flush(int(max(0.0, deadline - time.monotonic()) * 1000))
+            if provider
+            else True
+        )
 
     def summary(self) -> str:
         return (
