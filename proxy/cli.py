@@ -221,7 +221,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "log_level": args.log_level,
     }
     if args.redact_metadata and "redact_metadata" in config:
-        overrides["redact_metadata"] = [*config["redact_metadata"], *args.redact_metadata]
+        # Redaction adds up: the file's keys stay hidden when a flag hides one more.
+        from_file = config["redact_metadata"]
+        from_file = [from_file] if isinstance(from_file, str) else list(from_file or [])
+        overrides["redact_metadata"] = [*from_file, *args.redact_metadata]
     return load_settings(config=config, overrides=overrides)
 
 
@@ -257,7 +260,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             spans = merge_for_upload(args.traces_file, args.out)
         except OSError as exc:
-            print(f"{PROG}: error: cannot read or write {exc.filename}: {exc.strerror}", file=sys.stderr)
+            print(
+                f"{PROG}: error: cannot read or write {exc.filename}: {exc.strerror}",
+                file=sys.stderr,
+            )
             return 2
         except ValueError as exc:
             print(f"{PROG}: error: {exc}", file=sys.stderr)

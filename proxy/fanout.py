@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -78,20 +79,22 @@ class ProductionStats:
         )
 
 
+_TRACEPARENT_RE = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
+
+
 def parse_traceparent(value: str) -> tuple[int, int, int] | None:
     """W3C ``traceparent`` → (trace id, parent span id, flags), or None when malformed."""
-    parts = value.strip().split("-")
-    if len(parts) < 4 or len(parts[0]) != 2 or parts[0] == "ff":
+    match = _TRACEPARENT_RE.match(value.strip())
+    if match is None:
         return None
-    if len(parts[1]) != 32 or len(parts[2]) != 16 or len(parts[3]) != 2:
+    version, trace_hex, span_hex, flags_hex, rest = match.groups()
+    # Version ff is forbidden; version 00 has exactly four fields (later versions may add).
+    if version == "ff" or (version == "00" and rest):
         return None
-    try:
-        trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3], 16)
-    except ValueError:
-        return None
+    trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
     if not trace_id or not span_id:
         return None
-    return trace_id, span_id, flags
+    return trace_id, span_id, int(flags_hex, 16)
 
 
 class FanOut:
@@ -128,6 +131,9 @@ class FanOut:
             request_id = _request_id_from_body(method, request) or secrets.token_hex(8)
             forwarded.append((REQUEST_ID_KEY, request_id))
         trace = _trace_context(incoming_trace, tracestate)
+        if tracestate is not None and trace.remote_parent_span_id is None:
+            # W3C: a tracestate without a valid traceparent belongs to no trace; drop it.
+            forwarded = [(k, v) for k, v in forwarded if k != "tracestate"]
         backend = self.production.backend
         span_id = random.getrandbits(64) or 1
         production_md = (*forwarded, ("traceparent", trace.traceparent(span_id)))

@@ -67,6 +67,11 @@ class PayloadCodec:
             truncated = len(encoded) > self.max_bytes
             if truncated:
                 text = encoded[: self.max_bytes].decode("utf-8", "ignore")
+        elif types is not None and self.redact_tensors:
+            # Undecodable bytes of a known message may hold a redacted tensor: keep them out.
+            attributes["payload.decode_error"] = True
+            attributes["payload.encoding"] = "redacted"
+            text, truncated = "[REDACTED: undecodable message]", False
         else:
             if types is not None:
                 attributes["payload.decode_error"] = True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import tomllib
@@ -118,8 +119,8 @@ def parse_duration(text: str | float | int, what: str) -> float:
             raise ConfigError(f"{what}: expected a duration like 2s or 500ms, got {text!r}")
         number, unit = float(match.group(1)), match.group(2) or "s"
         seconds = number * {"ms": 0.001, "s": 1.0, "m": 60.0}[unit]
-    if not seconds > 0:
-        raise ConfigError(f"{what}: a duration must be positive, got {text!r}")
+    if not math.isfinite(seconds) or not seconds > 0:
+        raise ConfigError(f"{what}: a duration must be positive and finite, got {text!r}")
     return seconds
 
 
@@ -127,7 +128,7 @@ def validate_address(address: str, what: str, *, allow_port_zero: bool = False) 
     """Check ``HOST:PORT`` (or ``[v6]:PORT``) and return it stripped."""
     address = address.strip()
     host, sep, port_text = address.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
+    if not sep or not host or not (port_text.isascii() and port_text.isdigit()):
         raise ConfigError(f"{what}: expected HOST:PORT, got {address!r}")
     if host.startswith("["):
         if not host.endswith("]") or len(host) < 3:
@@ -242,6 +243,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"--config: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"--config: {path} is not UTF-8 text (bad byte at offset {exc.start})"
+        ) from None
     try:
         if path.suffix == ".toml":
             data: Any = tomllib.loads(text)
@@ -329,7 +334,8 @@ def load_settings(
         raise ConfigError(
             "no production backend: pass --production NAME=HOST:PORT (or set it in --config)"
         )
-    production = _backend_from_config(production_entry, "production", "production")
+    production_source = "--production" if "production" in overrides else "--config production"
+    production = _backend_from_config(production_entry, "production", production_source)
 
     shadows: dict[str, BackendSettings] = {}
     file_shadows = config.get("shadows", [])

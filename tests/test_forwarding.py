@@ -234,3 +234,13 @@ async def test_proxy_health_follows_production(backends, make_proxy, channel_to)
     while await status() != health_pb2.HealthCheckResponse.SERVING:
         assert time.monotonic() < deadline + 5, "proxy never noticed production came back"
         await asyncio.sleep(0.05)
+
+
+async def test_tracestate_without_a_valid_traceparent_is_dropped(backends, make_proxy, channel_to):
+    production = await backends()
+    proxy, _ = await make_proxy(f"prod={production.address}")
+    metadata = (("traceparent", "garbage"), ("tracestate", "vendor=abc"))
+    await channel_to(proxy.address).unary_unary("/m.S/M")(b"x", metadata=metadata)
+    sent = production.received[0].metadata
+    assert "tracestate" not in sent
+    assert sent["traceparent"].startswith("00-")
