@@ -270,6 +270,9 @@ async def run(settings: Settings, ready_file: Path | None = None) -> int:
         loop.add_signal_handler(signum, on_signal, signum)
     await stop.wait()
     await proxy.stop()
+    if ready_file is not None:
+        # A supervisor must not read a stopped proxy's address.
+        await asyncio.to_thread(ready_file.unlink, missing_ok=True)
     return 0
 
 

@@ -113,6 +113,8 @@ def parse_duration(text: str | float | int, what: str) -> float:
         raise ConfigError(f"{what}: expected a duration like 2s or 500ms, got {text!r}")
     if isinstance(text, int | float):
         seconds = float(text)
+    elif not isinstance(text, str):
+        raise ConfigError(f"{what}: expected a duration like 2s or 500ms, got {text!r}")
     else:
         match = _DURATION_RE.match(text)
         if not match:
@@ -285,7 +287,12 @@ def default_exporters(environ: Mapping[str, str] = os.environ) -> tuple[str, ...
 
 def parse_exporters(value: str | Iterable[str], what: str) -> tuple[str, ...]:
     """``"file,otlp"`` or ``["file", "otlp"]`` → a validated tuple; ``none`` means no tracing."""
-    items = value.split(",") if isinstance(value, str) else list(value)
+    if isinstance(value, str):
+        items: list[Any] = value.split(",")
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    else:
+        raise ConfigError(f"{what}: expected a list of exporter names, got {value!r}")
     names = tuple(dict.fromkeys(str(item).strip().lower() for item in items if str(item).strip()))
     for name in names:
         if name not in EXPORTER_CHOICES:
@@ -374,6 +381,10 @@ def load_settings(
         else default_exporters(environ)
     )
     if "traces_file" in merged:
+        if not isinstance(merged["traces_file"], str | os.PathLike) or not str(
+            merged["traces_file"]
+        ):
+            raise ConfigError(f"--traces-file: expected a path, got {merged['traces_file']!r}")
         values["traces_file"] = Path(merged["traces_file"])
     protocol = str(merged.get("otlp_protocol") or default_otlp_protocol(environ))
     if protocol not in ("grpc", "http/protobuf"):

@@ -39,7 +39,9 @@ def generate(out_root: Path) -> list[Path]:
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed; see the messages above")
     init = target / "__init__.py"
-    init.write_text('"""Generated protobuf and gRPC code; do not edit (scripts/gen_protos.py)."""\n')
+    init.write_text(
+        '"""Generated protobuf and gRPC code; do not edit (scripts/gen_protos.py)."""\n'
+    )
     return sorted(p for p in target.iterdir() if p.suffix in {".py", ".pyi"})
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
 import pytest
@@ -31,7 +31,7 @@ async def backends() -> AsyncIterator[Callable[..., Coroutine[Any, Any, ProbeBac
     await asyncio.gather(*(b.stop() for b in started))
 
 
-def proxy_settings(production: str, shadows: list[str] = (), **overrides: Any) -> Settings:  # type: ignore[assignment]
+def proxy_settings(production: str, shadows: Sequence[str] = (), **overrides: Any) -> Settings:
     return load_settings(
         overrides={
             "listen": "127.0.0.1:0",
@@ -53,8 +53,8 @@ async def make_proxy() -> AsyncIterator[ProxyFactory]:
 
     async def make(
         production: str,
-        shadows: list[str] = (),
-        **overrides: Any,  # type: ignore[assignment]
+        shadows: Sequence[str] = (),
+        **overrides: Any,
     ) -> tuple[ProxyServer, InMemorySpanExporter]:
         exporter = InMemorySpanExporter()
         proxy = ProxyServer(
