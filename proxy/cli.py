@@ -31,6 +31,9 @@ config file (--config, YAML .yaml/.yml, TOML .toml or JSON .json), same names as
   shadows:
     - candidate=127.0.0.1:50062,sample=0.5
     - {name: other, address: 127.0.0.1:50063, timeout: 2s, max_in_flight: 64}
+  references: [prod-twin=127.0.0.1:50064]
+  tolerance: 1e-6
+  metrics_port: 9464
   exporters: [file, otlp]
   traces_file: traces.jsonl
   redact_metadata: [x-api-key]
@@ -83,6 +86,32 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
         action="append",
         metavar="NAME=HOST:PORT[,sample=F][,timeout=D][,max_in_flight=N]",
         help="a shadow backend (repeatable): gets a copy of the sampled requests; its replies are recorded only",
+    )
+    p.add_argument(
+        "--reference",
+        dest="references",
+        action="append",
+        metavar="NAME=HOST:PORT[,sample=F][,timeout=D]",
+        help="a second instance of the production model (repeatable), called like a shadow; where "
+        "it differs from production the output is noisy, and the report does not count such "
+        "differences against a candidate",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        metavar="X",
+        help="numeric outputs within X (absolute) of production's count as equal (default 1e-6)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (off by default; 0 = any free port)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        metavar="HOST",
+        help="address of the Prometheus endpoint (default 127.0.0.1)",
     )
     p.add_argument(
         "--exporter",
@@ -206,6 +235,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "listen": args.listen,
         "production": args.production,
         "shadows": args.shadows,
+        "references": args.references,
+        "tolerance": args.tolerance,
+        "metrics_port": args.metrics_port,
+        "metrics_host": args.metrics_host,
         "exporters": ",".join(args.exporters) if args.exporters else None,
         "traces_file": args.traces_file,
         "otlp_protocol": args.otlp_protocol,

@@ -39,6 +39,8 @@ def status_for_unreachable(code: grpc.StatusCode) -> grpc.StatusCode:
     """
     if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
         return code
+    if code is grpc.StatusCode.INTERNAL:
+        return code
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
         # gRPC's own message-size limit: the client's payload or the reply was too large.
         return code

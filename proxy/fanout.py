@@ -13,14 +13,14 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc import aio
 
 from proxy.errors import BackendUnreachable, status_for_unreachable
 from proxy.gen import predict_pb2
-from proxy.records import BackendOutcome, CallRecord, Metadata, TraceContext
+from proxy.records import BackendOutcome, CallRecord, Metadata, ProductionView, TraceContext
 from proxy.shadow import NO_SHADOWS, ShadowDecision, ShadowWriter
 from proxy.upstream import Upstream, came_from_backend
 
@@ -71,6 +71,11 @@ class ProductionStats:
     errors: int = 0
     unreachable: int = 0
     cancelled: int = 0
+    by_code: dict[str, int] = field(default_factory=dict)
+    """Calls by the status production gave (OK included), for metrics."""
+
+    def count(self, code: grpc.StatusCode) -> None:
+        self.by_code[code.name] = self.by_code.get(code.name, 0) + 1
 
     def summary(self) -> str:
         return (
@@ -144,13 +149,20 @@ class FanOut:
         # Production's call object starts its RPC as soon as it exists; the shadows start in
         # the same loop iteration, so neither waits for the other.
         call = self.production.method(method)(request, timeout=timeout, metadata=production_md)
-        decision: ShadowDecision = NO_SHADOWS
-        try:
-            decision = self.shadows.send(method, request, tuple(forwarded), request_id, trace)
-        except Exception:  # shadowing must never cost a production call
-            log.exception("could not start shadow calls")
-        self.stats.calls += 1
         prod_start_ns = time.time_ns()
+        decision: ShadowDecision = NO_SHADOWS
+        # Shadows learn production's answer through this future, to compare with it later;
+        # only made when some shadow got a copy.
+        answer: asyncio.Future[ProductionView] | None = None
+        if self.shadows.has_copies:
+            answer = asyncio.get_running_loop().create_future()
+            try:
+                decision = self.shadows.send(
+                    method, request, tuple(forwarded), request_id, trace, answer
+                )
+            except Exception:  # shadowing must never cost a production call
+                log.exception("could not start shadow calls")
+        self.stats.calls += 1
         initial: Metadata = ()
         from_backend = True
         try:
@@ -164,8 +176,17 @@ class FanOut:
             initial = tuple(error.initial_metadata() or ())
             trailing = tuple(error.trailing_metadata() or ())
             from_backend = came_from_backend(error)
+        except Exception as exc:  # a bug of ours must cost one call, not leave shadows waiting
+            log.exception("forwarding %s to production failed", method)
+            body, trailing = None, ()
+            code, details, from_backend = grpc.StatusCode.INTERNAL, f"proxy error: {exc}", False
         except asyncio.CancelledError:
             self.stats.cancelled += 1
+            self.stats.count(grpc.StatusCode.CANCELLED)
+            if answer is not None:
+                answer.set_result(
+                    ProductionView(grpc.StatusCode.CANCELLED, None, time.time_ns() - prod_start_ns)
+                )
             self._submit(
                 method, request_id, trace, start_ns, request, received, peer, decision,
                 grpc.StatusCode.CANCELLED, "cancelled by the client",
@@ -174,6 +195,9 @@ class FanOut:
             )  # fmt: skip
             raise
         end_ns = time.time_ns()
+        self.stats.count(code)
+        if answer is not None:
+            answer.set_result(ProductionView(code, body, end_ns - prod_start_ns))
         outcome = self._outcome(
             method, request_id, trace, span_id, prod_start_ns, len(request),
             code, details, body, trailing, from_backend, end_ns,

@@ -19,8 +19,10 @@ from opentelemetry.sdk.trace import Tracer
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags, TraceState
 from opentelemetry.trace.status import Status, StatusCode
 
+from proxy.compare.pair import PREDICT_METHOD, compare_replies, decode_outputs, predicted_labels
+from proxy.metrics import ProxyMetrics
 from proxy.payloads import PayloadCodec, metadata_attributes
-from proxy.records import BackendOutcome, CallRecord, TraceContext
+from proxy.records import BackendOutcome, CallRecord, FeedbackRecord, TraceContext
 from proxy.settings import Settings
 from proxy.telemetry import Telemetry
 
@@ -39,7 +41,9 @@ _SERVER_ERROR_CODES = frozenset(
     }
 )
 
-Record = CallRecord | BackendOutcome
+Record = CallRecord | BackendOutcome | FeedbackRecord
+# Calls remembered so that feedback sent later can link to the call's trace.
+_RECENT_CALLS = 100_000
 
 
 def status_code_number(code: grpc.StatusCode) -> int:
@@ -63,8 +67,17 @@ def _peer_address(peer: str) -> tuple[str, int] | None:
 class Recorder:
     """Owns the bounded queue of outcomes and the thread that records them as spans."""
 
-    def __init__(self, settings: Settings, telemetry: Telemetry, listen_port: int = 0) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        telemetry: Telemetry,
+        listen_port: int = 0,
+        metrics: ProxyMetrics | None = None,
+    ) -> None:
         self._telemetry = telemetry
+        self._metrics = metrics or ProxyMetrics(None)
+        self._tolerance = settings.tolerance
+        self._recent: collections.OrderedDict[str, tuple[int, int]] = collections.OrderedDict()
         self._tracer: Tracer | None = (
             telemetry.provider.get_tracer("shadow-proxy") if telemetry.provider else None  # type: ignore[assignment]
         )
@@ -85,17 +98,17 @@ class Recorder:
 
     @property
     def enabled(self) -> bool:
-        return self._tracer is not None
+        return self._tracer is not None or self._metrics.enabled
 
     def start(self) -> None:
-        if self._tracer is None or self._thread is not None:
+        if not self.enabled or self._thread is not None:
             return
         self._thread = threading.Thread(target=self._run, name="shadow-recorder", daemon=True)
         self._thread.start()
 
     def submit(self, record: Record) -> None:
         """Queue an outcome for recording. Never blocks and never raises."""
-        if self._tracer is None:
+        if self._thread is None:
             return
         # deque.append and len are atomic under the GIL; the bound is approximate by at most
         # the number of threads submitting at once, which is one (the event loop).
@@ -155,8 +168,10 @@ class Recorder:
         try:
             if isinstance(record, CallRecord):
                 self._record_call(record)
-            else:
+            elif isinstance(record, BackendOutcome):
                 self._record_backend(record)
+            else:
+                self._record_feedback(record)
             self.recorded += 1
         except Exception:
             self.failed += 1
@@ -164,8 +179,12 @@ class Recorder:
                 log.exception("could not record an outcome (%d so far)", self.failed)
 
     def _record_call(self, record: CallRecord) -> None:
-        assert self._tracer is not None
         trace_ctx = record.trace
+        self._remember(record.request_id, trace_ctx)
+        if self._tracer is None:
+            if record.production is not None:
+                self._record_backend(record.production)
+            return
         parent = None
         if trace_ctx.remote_parent_span_id is not None:
             remote = SpanContext(
@@ -220,8 +239,71 @@ class Recorder:
         if record.production is not None:
             self._record_backend(record.production)
 
+    def _remember(self, request_id: str, trace_ctx: TraceContext) -> None:
+        recent = self._recent
+        recent[request_id] = (trace_ctx.trace_id, trace_ctx.proxy_span_id)
+        recent.move_to_end(request_id)
+        if len(recent) > _RECENT_CALLS:
+            recent.popitem(last=False)
+
+    def _comparison_attributes(self, outcome: BackendOutcome) -> dict[str, Any]:
+        """Predicted labels, and for shadows the comparison with production's reply."""
+        attributes: dict[str, Any] = {}
+        outputs = None
+        if outcome.method == PREDICT_METHOD and outcome.reply is not None:
+            outputs = decode_outputs(outcome.reply)
+            labels = predicted_labels(outputs)
+            if labels is not None:
+                attributes["shadow.predicted_labels"] = labels
+        latency_ms = (outcome.end_ns - outcome.start_ns) / 1e6
+        production = outcome.production
+        agree: bool | None = None
+        max_abs_diff: float | None = None
+        if production is not None:
+            comparison = compare_replies(
+                outcome.method,
+                production.code,
+                production.reply,
+                outcome.code,
+                outcome.reply,
+                self._tolerance,
+            )
+            comparison.latency_diff_ms = latency_ms - production.latency_ns / 1e6
+            attributes.update(comparison.attributes())
+            agree, max_abs_diff = comparison.agree, comparison.max_abs_diff
+        self._metrics.record_call(outcome.name, outcome.role, latency_ms)
+        if production is not None:
+            self._metrics.record_comparison(outcome.name, outcome.role, agree, max_abs_diff)
+        return attributes
+
+    def _record_feedback(self, record: FeedbackRecord) -> None:
+        if self._tracer is None:
+            return
+        attributes: dict[str, Any] = {
+            "shadow.role": "feedback",
+            "shadow.request_id": record.request_id,
+            "shadow.labels": record.labels,
+            "shadow.label_output": record.output,
+        }
+        links = []
+        known = self._recent.get(record.request_id)
+        if known is not None:
+            linked = SpanContext(known[0], known[1], is_remote=False, trace_flags=TraceFlags(1))
+            links.append(trace.Link(linked, {"shadow.link": "labelled call"}))
+        attributes["shadow.linked"] = known is not None
+        span = self._tracer.start_span(
+            "feedback",
+            kind=SpanKind.INTERNAL,
+            attributes=attributes,
+            links=links,
+            start_time=record.received_ns,
+        )
+        span.end(end_time=record.received_ns)
+
     def _record_backend(self, outcome: BackendOutcome) -> None:
-        assert self._tracer is not None
+        comparison_attributes = self._comparison_attributes(outcome)
+        if self._tracer is None:
+            return
         trace_ctx: TraceContext = outcome.trace
         proxy_span = SpanContext(
             trace_ctx.trace_id,
@@ -245,8 +327,9 @@ class Recorder:
             "shadow.request.size": outcome.request_size,
             "shadow.status_from_backend": outcome.from_backend,
         }
-        if outcome.role == "shadow":
+        if outcome.role != "production":
             attributes["shadow.sampled"] = True
+        attributes.update(comparison_attributes)
         if outcome.reply is not None:
             attributes["shadow.response.size"] = len(outcome.reply)
         attributes.update(

@@ -48,6 +48,17 @@ class BackendOutcome:
     from_backend: bool = True
     """False when the status was made by the proxy's own channel (refused, timed out,
     cancelled) rather than sent by the backend."""
+    production: ProductionView | None = None
+    """For shadows and references: production's answer to the same request, to compare."""
+
+
+@dataclass(slots=True, frozen=True)
+class ProductionView:
+    """What a shadow's outcome is compared with: production's status, reply and latency."""
+
+    code: grpc.StatusCode
+    reply: bytes | None
+    latency_ns: int
 
 
 @dataclass(slots=True)
@@ -70,3 +81,13 @@ class CallRecord:
     shadows_sent: tuple[str, ...] = ()
     shadows_dropped: tuple[str, ...] = ()
     shadows_sampled_out: tuple[str, ...] = ()
+
+
+@dataclass(slots=True, frozen=True)
+class FeedbackRecord:
+    """True labels for an earlier call, as a client sent them to the Feedback service."""
+
+    request_id: str
+    labels: tuple[str, ...]
+    output: str
+    received_ns: int

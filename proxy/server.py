@@ -6,7 +6,7 @@ import asyncio
 import functools
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -14,11 +14,15 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace.export import SpanExporter
 
+from proxy import metrics
 from proxy.errors import ConfigError
 from proxy.fanout import FanOut
-from proxy.gen import predict_pb2
+from proxy.feedback import FEEDBACK_SERVICE, FeedbackServicer
+from proxy.gen import feedback_pb2_grpc, predict_pb2
+from proxy.metrics import ProxyMetrics, build_metrics
 from proxy.recording import Recorder
 from proxy.settings import Settings
 from proxy.shadow import ShadowWriter
@@ -33,6 +37,7 @@ _OWN_SERVICES = (
     f"/{health_pb2.DESCRIPTOR.services_by_name['Health'].full_name}/",
     f"/{reflection.SERVICE_NAME}/",
     "/grpc.reflection.v1.ServerReflection/",
+    f"/{FEEDBACK_SERVICE}/",
 )
 _MAX_CACHED_HANDLERS = 1024
 
@@ -70,25 +75,29 @@ class ProxyServer:
         *,
         telemetry: Telemetry | None = None,
         span_exporters: Sequence[SpanExporter] | None = None,
+        metric_readers: Sequence[MetricReader] | None = None,
     ) -> None:
         self.settings = settings
         self.telemetry = telemetry or build_telemetry(settings, span_exporters)
+        self.metrics: ProxyMetrics = build_metrics(settings, metric_readers)
         self.port = 0
         self._server: aio.Server | None = None
         self._health = health_aio.HealthServicer()
         self._health_task: asyncio.Task[None] | None = None
         self._production_serving: bool | None = None
         self._stopped = False
-        self.recorder = Recorder(settings, self.telemetry)
+        self.recorder = Recorder(settings, self.telemetry, metrics=self.metrics)
         self.production = Upstream(
             settings.production, max_message_bytes=settings.max_message_bytes
         )
         self.shadow_upstreams = [
-            Upstream(shadow, max_message_bytes=settings.max_message_bytes)
-            for shadow in settings.shadows
+            Upstream(backend, max_message_bytes=settings.max_message_bytes)
+            for backend in settings.copies
         ]
         self.shadows = ShadowWriter(self.shadow_upstreams, self.recorder.submit)
         self.fanout = FanOut(self.production, self.shadows, self.recorder.submit)
+        self.feedback = FeedbackServicer(self.recorder.submit)
+        self._observe_metrics()
 
     @property
     def address(self) -> str:
@@ -124,9 +133,11 @@ class ProxyServer:
         ]
         server = aio.server(options=options)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(self.feedback, server)
         reflection.enable_server_reflection(
             (
                 PREDICT_SERVICE,
+                FEEDBACK_SERVICE,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -148,12 +159,91 @@ class ProxyServer:
         self._server = server
         log.info("shadow-proxy listening on %s", self.address)
         log.info("production: %s", self.settings.production.describe())
-        for shadow in self.settings.shadows:
-            log.info("shadow: %s (max %d in flight)", shadow.describe(), shadow.max_in_flight)
+        for backend in self.settings.copies:
+            log.info(
+                "%s: %s (max %d in flight)", backend.role, backend.describe(), backend.max_in_flight
+            )
         self._log_exporters()
+        if self.metrics.prometheus_port is not None:
+            log.info(
+                "metrics: Prometheus endpoint on http://%s:%d/metrics",
+                self.settings.metrics_host,
+                self.metrics.prometheus_port,
+            )
         await self._check_production()
         self._health_task = asyncio.create_task(self._watch_production())
         return port
+
+    def _observe_metrics(self) -> None:
+        production = self.settings.production
+        writer, fanout, recorder, telemetry = (
+            self.shadows,
+            self.fanout,
+            self.recorder,
+            self.telemetry,
+        )
+
+        def calls() -> list[tuple[int, dict[str, str]]]:
+            found = [
+                (
+                    count,
+                    {
+                        "shadow.backend": production.name,
+                        "shadow.role": "production",
+                        "rpc.grpc.status_code": code,
+                    },
+                )
+                for code, count in fanout.stats.by_code.items()
+            ]
+            for backend in self.settings.copies:
+                stats = writer.stats[backend.name]
+                found += [
+                    (
+                        count,
+                        {
+                            "shadow.backend": backend.name,
+                            "shadow.role": backend.role,
+                            "rpc.grpc.status_code": code,
+                        },
+                    )
+                    for code, count in stats.by_code.items()
+                ]
+            return found
+
+        def per_copy(field: str) -> Callable[[], list[tuple[int, dict[str, str]]]]:
+            def observe() -> list[tuple[int, dict[str, str]]]:
+                return [
+                    (
+                        getattr(writer.stats[b.name], field),
+                        {"shadow.backend": b.name, "shadow.role": b.role},
+                    )
+                    for b in self.settings.copies
+                ]
+
+            return observe
+
+        self.metrics.observe(
+            {
+                metrics.CALLS: ("Backend calls by status code", calls),
+                metrics.SAMPLED_OUT: (
+                    "Requests a shadow's sample rate left out",
+                    per_copy("sampled_out"),
+                ),
+                metrics.DROPPED: (
+                    "Shadow copies dropped at the in-flight bound",
+                    per_copy("dropped"),
+                ),
+                metrics.TIMED_OUT: ("Shadow calls past their timeout", per_copy("timed_out")),
+                metrics.RECORDER_DROPPED: (
+                    "Outcomes (spans, payloads) dropped because the recorder queue was full",
+                    lambda: [(recorder.dropped, {})],
+                ),
+                metrics.EXPORTER_FAILED: (
+                    "Spans an exporter could not deliver",
+                    lambda: [(e.failed, {"exporter": e.name}) for e in telemetry.exporters],
+                ),
+            }
+        )
 
     def _log_exporters(self) -> None:
         if not self.telemetry.enabled:
@@ -236,9 +326,12 @@ class ProxyServer:
             await upstream.close()
         await asyncio.to_thread(self.recorder.close)
         flushed = await asyncio.to_thread(self.telemetry.shutdown)
+        await asyncio.to_thread(self.metrics.shutdown)
         log.info("production %s: %s", settings.production.name, self.fanout.stats.summary())
-        for name, stats in self.shadows.stats.items():
-            log.info("shadow %s: %s", name, stats.summary())
+        for backend in settings.copies:
+            log.info(
+                "%s %s: %s", backend.role, backend.name, self.shadows.stats[backend.name].summary()
+            )
         if self.recorder.enabled:
             log.info(
                 "recorder: %s; exporters: %s", self.recorder.summary(), self.telemetry.summary()

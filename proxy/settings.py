@@ -37,6 +37,10 @@ class BackendSettings:
     """Unique name of the backend; it names spans (``shadow <name>``) and log lines."""
     address: str
     """``HOST:PORT`` of the backend's gRPC listener (IPv6 as ``[::1]:PORT``)."""
+    role: str = "shadow"
+    """``production`` (its replies go to clients), ``shadow`` (a candidate whose replies are
+    compared with production's) or ``reference`` (a second instance of the production model;
+    where it differs from production, the difference is noise, not a real change)."""
     sample_rate: float = 1.0
     """Shadows only: the fraction of requests copied to this shadow, in [0, 1]. The decision
     is a pure function of the request id, so the same id always gets the same decision."""
@@ -67,7 +71,17 @@ class Settings:
     production: BackendSettings
     """The backend whose replies the clients get."""
     shadows: tuple[BackendSettings, ...] = ()
-    """Backends that get a copy of (a sample of) the traffic; their replies are only recorded."""
+    """Backends that get a copy of (a sample of) the traffic; their replies are only recorded
+    and compared with production's."""
+    references: tuple[BackendSettings, ...] = ()
+    """Second instances of the production model, called like shadows; where one differs from
+    production, that output is noisy (non-deterministic) rather than a real difference."""
+    tolerance: float = 1e-6
+    """Numeric outputs within this absolute difference of production's count as equal."""
+    metrics_port: int | None = None
+    """Serve Prometheus metrics on this port (``/metrics``); None serves none."""
+    metrics_host: str = "127.0.0.1"
+    """Address the Prometheus endpoint listens on."""
     listen: str = "127.0.0.1:50051"
     """``HOST:PORT`` the proxy listens on; port 0 picks a free port."""
     max_message_bytes: int = 4 * 1024 * 1024
@@ -100,8 +114,13 @@ class Settings:
 
     @property
     def backends(self) -> tuple[BackendSettings, ...]:
-        """Production first, then the shadows."""
-        return (self.production, *self.shadows)
+        """Production first, then the shadows, then the references."""
+        return (self.production, *self.shadows, *self.references)
+
+    @property
+    def copies(self) -> tuple[BackendSettings, ...]:
+        """Every backend that gets a copy of the traffic: shadows, then references."""
+        return (*self.shadows, *self.references)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -187,6 +206,7 @@ def _backend(
     if not isinstance(address, str):
         raise ConfigError(f"{what}: backend {name!r} needs an address HOST:PORT")
     fields: dict[str, Any] = {
+        "role": role,
         "name": name,
         "address": validate_address(address, f"{what} ({name})"),
     }
@@ -207,7 +227,7 @@ def _backend(
         raise ConfigError(
             f"{what}: production always gets every request; drop 'sample' for {name!r}"
         )
-    if role == "shadow" and "timeout" not in fields:
+    if role != "production" and "timeout" not in fields:
         fields["timeout"] = DEFAULT_SHADOW_TIMEOUT
     return BackendSettings(**fields)
 
@@ -344,29 +364,39 @@ def load_settings(
     production_source = "--production" if "production" in overrides else "--config production"
     production = _backend_from_config(production_entry, "production", production_source)
 
-    shadows: dict[str, BackendSettings] = {}
-    file_shadows = config.get("shadows", [])
-    if not isinstance(file_shadows, list):
-        raise ConfigError("--config: 'shadows' must be a list")
-    for entry in file_shadows:
-        shadow = _backend_from_config(entry, "shadow", "--config shadows")
-        if shadow.name in shadows:
-            raise ConfigError(f"--config: duplicate backend name {shadow.name!r}")
-        shadows[shadow.name] = shadow
-    seen_flags: set[str] = set()
-    for entry in overrides.get("shadows", []):
-        shadow = _backend_from_config(entry, "shadow", "--shadow")
-        if shadow.name in seen_flags:
-            raise ConfigError(f"--shadow: duplicate backend name {shadow.name!r}")
-        seen_flags.add(shadow.name)
-        shadows[shadow.name] = shadow
-    if production.name in shadows:
-        raise ConfigError(
-            f"duplicate backend name {production.name!r}: production and a shadow share it"
-        )
+    by_role: dict[str, dict[str, BackendSettings]] = {}
+    taken = {production.name: "production"}
+    for role, key in (("shadow", "shadows"), ("reference", "references")):
+        backends: dict[str, BackendSettings] = {}
+        from_file = config.get(key, [])
+        if not isinstance(from_file, list):
+            raise ConfigError(f"--config: '{key}' must be a list")
+        for entry in from_file:
+            backend = _backend_from_config(entry, role, f"--config {key}")
+            if backend.name in backends:
+                raise ConfigError(f"--config: duplicate backend name {backend.name!r}")
+            backends[backend.name] = backend
+        seen_flags: set[str] = set()
+        for entry in overrides.get(key, []):
+            backend = _backend_from_config(entry, role, f"--{role}")
+            if backend.name in seen_flags:
+                raise ConfigError(f"--{role}: duplicate backend name {backend.name!r}")
+            seen_flags.add(backend.name)
+            backends[backend.name] = backend
+        for name in backends:
+            if name in taken:
+                raise ConfigError(
+                    f"duplicate backend name {name!r}: {taken[name]} and a {role} share it"
+                )
+            taken[name] = role
+        by_role[role] = backends
 
     merged = {**config, **overrides}
-    values: dict[str, Any] = {"production": production, "shadows": tuple(shadows.values())}
+    values: dict[str, Any] = {
+        "production": production,
+        "shadows": tuple(by_role["shadow"].values()),
+        "references": tuple(by_role["reference"].values()),
+    }
     if "listen" in merged:
         values["listen"] = validate_address(str(merged["listen"]), "--listen", allow_port_zero=True)
     for key in ("shutdown_grace", "shadow_grace", "health_interval"):
@@ -412,6 +442,27 @@ def load_settings(
                 f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {merged['log_level']!r}"
             )
         values["log_level"] = level
+    if "tolerance" in merged:
+        try:
+            tolerance = float(merged["tolerance"])
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"--tolerance: expected a number, got {merged['tolerance']!r}"
+            ) from None
+        if not math.isfinite(tolerance) or tolerance < 0:
+            raise ConfigError(
+                f"--tolerance: must be a finite number >= 0, got {merged['tolerance']!r}"
+            )
+        values["tolerance"] = tolerance
+    if "metrics_port" in merged:
+        port = merged["metrics_port"]
+        if isinstance(port, bool) or not isinstance(port, int | str) or not str(port).isdigit():
+            raise ConfigError(f"--metrics-port: expected a port number, got {port!r}")
+        if not 0 <= int(port) <= 65535:
+            raise ConfigError(f"--metrics-port: port must be 0..65535, got {port}")
+        values["metrics_port"] = int(port)
+    if "metrics_host" in merged:
+        values["metrics_host"] = str(merged["metrics_host"])
     return Settings(**values)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc import aio
 
-from proxy.records import BackendOutcome, Metadata, TraceContext
+from proxy.records import BackendOutcome, Metadata, ProductionView, TraceContext
 from proxy.sampling import should_shadow
 from proxy.upstream import Upstream, came_from_backend
 
@@ -35,6 +35,8 @@ class ShadowStats:
     cancelled: int = 0
     """Calls still in flight when the shutdown grace ran out."""
     errors_by_code: dict[str, int] = field(default_factory=dict)
+    by_code: dict[str, int] = field(default_factory=dict)
+    """Calls by the status the backend gave (OK included), for metrics."""
 
     def summary(self) -> str:
         return (
@@ -76,6 +78,7 @@ class ShadowWriter:
         self, upstreams: Sequence[Upstream], record: Callable[[BackendOutcome], None]
     ) -> None:
         self._shadows = [_Shadow(upstream) for upstream in upstreams]
+        self.has_copies = bool(self._shadows)
         self._record = record
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -88,7 +91,13 @@ class ShadowWriter:
         return {shadow.backend.name: shadow.in_flight for shadow in self._shadows}
 
     def send(
-        self, method: str, request: bytes, metadata: Metadata, request_id: str, trace: TraceContext
+        self,
+        method: str,
+        request: bytes,
+        metadata: Metadata,
+        request_id: str,
+        trace: TraceContext,
+        production: asyncio.Future[ProductionView] | None = None,
     ) -> ShadowDecision:
         """Start a copy of the request to every shadow that samples it and has room."""
         if not self._shadows:
@@ -111,7 +120,7 @@ class ShadowWriter:
             shadow.stats.sent += 1
             sent.append(backend.name)
             task = asyncio.create_task(
-                self._call(shadow, method, request, metadata, request_id, trace)
+                self._call(shadow, method, request, metadata, request_id, trace, production)
             )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -125,6 +134,7 @@ class ShadowWriter:
         metadata: Metadata,
         request_id: str,
         trace: TraceContext,
+        production: asyncio.Future[ProductionView] | None,
     ) -> None:
         span_id = random.getrandbits(64) or 1
         outgoing = (*metadata, ("traceparent", trace.traceparent(span_id)), SHADOW_MARKER)
@@ -152,7 +162,9 @@ class ShadowWriter:
             from_backend = False
         finally:
             shadow.in_flight -= 1
+        end_ns = time.time_ns()
         stats = shadow.stats
+        stats.by_code[code.name] = stats.by_code.get(code.name, 0) + 1
         if code is grpc.StatusCode.OK:
             stats.ok += 1
         elif code is grpc.StatusCode.CANCELLED and not from_backend:
@@ -162,9 +174,17 @@ class ShadowWriter:
             if code is grpc.StatusCode.DEADLINE_EXCEEDED:
                 stats.timed_out += 1
             stats.errors_by_code[code.name] = stats.errors_by_code.get(code.name, 0) + 1
+        view: ProductionView | None = None
+        if production is not None:
+            try:
+                # Production answered long ago in most calls; a shadow faster than production
+                # waits here, after its own call, so the comparison has both replies.
+                view = await asyncio.shield(production)
+            except asyncio.CancelledError:
+                view = None
         self._record(
             BackendOutcome(
-                role="shadow",
+                role=shadow.backend.role,
                 name=shadow.backend.name,
                 address=shadow.backend.address,
                 method=method,
@@ -172,13 +192,14 @@ class ShadowWriter:
                 trace=trace,
                 span_id=span_id,
                 start_ns=start_ns,
-                end_ns=time.time_ns(),
+                end_ns=end_ns,
                 code=code,
                 details=details,
                 reply=reply,
                 trailing_metadata=trailing,
                 request_size=len(request),
                 from_backend=from_backend,
+                production=view,
             )
         )
 

@@ -160,10 +160,14 @@ def _exporter(name: str, settings: Settings) -> SpanExporter:
 
 def _batch_processor(exporter: SpanExporter) -> BatchSpanProcessor:
     # The OTEL_BSP_* variables win; otherwise a larger queue than the SDK's default absorbs
-    # bursts, and a one-second delay keeps the local file close to live.
+    # bursts, a one-second delay keeps the local file close to live, and smaller batches
+    # keep each encode (C code that holds the GIL throughout) from stalling the event loop.
     queue = None if "OTEL_BSP_MAX_QUEUE_SIZE" in os.environ else 8192
     delay = None if "OTEL_BSP_SCHEDULE_DELAY" in os.environ else 1000
-    return BatchSpanProcessor(exporter, max_queue_size=queue, schedule_delay_millis=delay)
+    batch = None if "OTEL_BSP_MAX_EXPORT_BATCH_SIZE" in os.environ else 64
+    return BatchSpanProcessor(
+        exporter, max_queue_size=queue, schedule_delay_millis=delay, max_export_batch_size=batch
+    )
 
 
 def build_telemetry(

@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from opentelemetry.proto.collector.metrics.v1 import (
+    metrics_service_pb2,
+    metrics_service_pb2_grpc,
+)
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
@@ -160,6 +164,24 @@ class _SpanStore:
     def __init__(self) -> None:
         self._arrived = threading.Condition()
         self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+        self.metric_requests: list[metrics_service_pb2.ExportMetricsServiceRequest] = []
+
+    def _store_metrics(self, request: metrics_service_pb2.ExportMetricsServiceRequest) -> None:
+        with self._arrived:
+            self.metric_requests.append(request)
+            self._arrived.notify_all()
+
+    def metric_names(self) -> set[str]:
+        """Names of every metric received so far."""
+        with self._arrived:
+            requests = list(self.metric_requests)
+        return {
+            metric.name
+            for request in requests
+            for resource in request.resource_metrics
+            for scope in resource.scope_metrics
+            for metric in scope.metrics
+        }
 
     def _store(self, request: trace_service_pb2.ExportTraceServiceRequest) -> None:
         with self._arrived:
@@ -207,6 +229,19 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
+class _MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
+    def __init__(self, store: _SpanStore) -> None:
+        self._store = store
+
+    def Export(
+        self,
+        request: metrics_service_pb2.ExportMetricsServiceRequest,
+        context: grpc.ServicerContext,
+    ) -> metrics_service_pb2.ExportMetricsServiceResponse:
+        self._store._store_metrics(request)
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
 class OtlpGrpcReceiver(_SpanStore):
     """An OTLP/gRPC collector on ``127.0.0.1:0``; a threaded server, so it answers whether
     or not the test's event loop is free. Use as a context manager."""
@@ -224,6 +259,7 @@ class OtlpGrpcReceiver(_SpanStore):
     def start(self) -> OtlpGrpcReceiver:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_MetricsService(self), server)
         self.port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         self._server = server
@@ -267,11 +303,17 @@ class OtlpHttpReceiver(_SpanStore):
                 if self.headers.get("Content-Encoding") == "gzip":
                     body = gzip.decompress(body)
                 receiver.paths.append(self.path)
-                if self.path != "/v1/traces":
+                if self.path == "/v1/traces":
+                    receiver._store(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
+                    reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+                elif self.path == "/v1/metrics":
+                    receiver._store_metrics(
+                        metrics_service_pb2.ExportMetricsServiceRequest.FromString(body)
+                    )
+                    reply = metrics_service_pb2.ExportMetricsServiceResponse().SerializeToString()
+                else:
                     self.send_error(404)
                     return
-                receiver._store(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
-                reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.send_header("Content-Length", str(len(reply)))

@@ -140,7 +140,7 @@ async def test_proxy_production_and_shadow_spans_reach_an_otlp_collector(
     exporter = proxy.telemetry.exporters[0]
     assert (exporter.name, exporter.exported, exporter.failed) == ("otlp", 3, 0)
     if isinstance(receiver, OtlpHttpReceiver):
-        assert set(receiver.paths) == {"/v1/traces"}
+        assert "/v1/traces" in receiver.paths
 
 
 async def test_the_environment_alone_adds_otlp_to_the_file(

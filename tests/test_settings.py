@@ -319,7 +319,7 @@ def test_flags_override_the_config_file() -> None:
         },
         environ={},
     )
-    assert settings.production == BackendSettings("new", "127.0.0.1:4")
+    assert settings.production == BackendSettings("new", "127.0.0.1:4", role="production")
     # The flag's candidate replaces the file's whole: its sample rate is not inherited.
     assert settings.shadows == (
         BackendSettings("candidate", "127.0.0.1:5", sample_rate=1.0, timeout=1.0),
@@ -473,7 +473,7 @@ def test_config_file_is_read_in_each_format(tmp_path: Path, name: str) -> None:
     config = read_config_file(path)
     assert "traces_file" in config, "dashes in keys become underscores"
     settings = load_settings(config=config, environ={})
-    assert settings.production == BackendSettings("prod", "127.0.0.1:50061")
+    assert settings.production == BackendSettings("prod", "127.0.0.1:50061", role="production")
     assert settings.shadows == (
         BackendSettings("candidate", "127.0.0.1:50062", sample_rate=0.5, timeout=5.0),
         BackendSettings("other", "[::1]:50063", timeout=2.0, max_in_flight=64),
