@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from model_servers.models import heldout  # noqa: E402
 from proxy.compare.agreement import labels_agree  # noqa: E402
 from proxy.compare.traces import read_calls  # noqa: E402
-from proxy.gen import predict_pb2, predict_pb2_grpc  # noqa: E402
+from proxy.gen import feedback_pb2, feedback_pb2_grpc, predict_pb2, predict_pb2_grpc  # noqa: E402
 from proxy.tensors import to_tensor  # noqa: E402
 
 
@@ -74,7 +74,7 @@ async def _send(
     address: str, limit: int | None, concurrency: int
 ) -> tuple[dict[str, int], list[float], int]:
     """Send the held-out rows; return production's label per request id, latencies, errors."""
-    features, _truth = heldout()
+    features, truth = heldout()
     if limit is not None:
         features = features[:limit]
     labels: dict[str, int] = {}
@@ -109,6 +109,15 @@ async def _send(
                     progress.update(1)
 
             await asyncio.gather(*(worker() for _ in range(concurrency)))
+        # Later, the true outcomes become known: send them as feedback, in batches.
+        feedback = feedback_pb2_grpc.FeedbackServiceStub(channel)
+        known = [
+            feedback_pb2.Label(request_id=f"demo-{i:04d}", labels=[str(int(truth[i]))])
+            for i in range(len(features))
+        ]
+        for start in range(0, len(known), 100):
+            await feedback.SubmitLabels(feedback_pb2.SubmitLabelsRequest(labels=known[start : start + 100]))
+        print(f"demo: sent the {len(known)} true labels through the Feedback service")
     return labels, latencies, errors
 
 
@@ -188,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     traces.unlink(missing_ok=True)
     started: list[tuple[str, subprocess.Popen[bytes]]] = []
     try:
-        print(f"demo: starting two model servers and the proxy (logs in {out})")
+        print(f"demo: starting three model servers and the proxy (logs in {out})")
         production, production_ready = _start(
             "production", ["model_servers", "--listen", "127.0.0.1:0", "--model", "logreg-v1"], out
         )
@@ -200,16 +209,25 @@ def main(argv: list[str] | None = None) -> int:
             out,
         )  # fmt: skip
         started.append(("candidate", candidate))
+        # A second instance of the production model: where it differs from production, the
+        # difference is noise, and the report does not hold it against the candidate.
+        reference, reference_ready = _start(
+            "reference", ["model_servers", "--listen", "127.0.0.1:0", "--model", "logreg-v1"], out
+        )
+        started.append(("reference", reference))
         production_address = _wait_ready("production", production, production_ready, out)
         candidate_address = _wait_ready("candidate", candidate, candidate_ready, out)
+        reference_address = _wait_ready("reference", reference, reference_ready, out)
         print(
-            f"demo: production logreg-v1 on {production_address}, candidate gboost-v2 on {candidate_address}"
+            f"demo: production logreg-v1 on {production_address}, candidate gboost-v2 on "
+            f"{candidate_address}, reference logreg-v1 on {reference_address}"
         )
         proxy, proxy_ready = _start(
             "proxy",
             ["proxy", "serve", "--listen", "127.0.0.1:0",
              "--production", f"production={production_address}",
              "--shadow", f"candidate={candidate_address}",
+             "--reference", f"reference={reference_address}",
              "--traces-file", str(traces)],
             out,
         )  # fmt: skip
