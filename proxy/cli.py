@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(sub)
+    from proxy.compare.report import add_report_parser
+
+    add_report_parser(sub)
     merge = sub.add_parser(
         "merge-traces",
         help="turn a traces file into one JSON document for the Jaeger UI's upload",
@@ -287,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         except KeyboardInterrupt:
             return 130
+    if args.command == "report":
+        from proxy.compare.report import run_report
+
+        return run_report(args)
     if args.command == "merge-traces":
         from proxy.compare.traces import merge_for_upload
 

@@ -28,6 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from model_servers.models import heldout  # noqa: E402
 from proxy.compare.agreement import labels_agree  # noqa: E402
+from proxy.compare.html import render_html  # noqa: E402
+from proxy.compare.report import build_report, render_text  # noqa: E402
 from proxy.compare.traces import read_calls  # noqa: E402
 from proxy.gen import feedback_pb2, feedback_pb2_grpc, predict_pb2, predict_pb2_grpc  # noqa: E402
 from proxy.tensors import to_tensor  # noqa: E402
@@ -116,7 +118,9 @@ async def _send(
             for i in range(len(features))
         ]
         for start in range(0, len(known), 100):
-            await feedback.SubmitLabels(feedback_pb2.SubmitLabelsRequest(labels=known[start : start + 100]))
+            await feedback.SubmitLabels(
+                feedback_pb2.SubmitLabelsRequest(labels=known[start : start + 100])
+            )
         print(f"demo: sent the {len(known)} true labels through the Feedback service")
     return labels, latencies, errors
 
@@ -160,13 +164,20 @@ def _summary(traces: Path, sent: int, errors: int, latencies: list[float], shado
         print(f"  disagreeing request ids     {shown}{' ...' if len(disagreements) > 8 else ''}")
     print(f"  traces file                 {traces} ({len(calls)} calls, {spans} spans)")
     print()
+    # The comparison report, exactly as `shadow-proxy report TRACES_FILE` prints it.
+    report = build_report(traces)
+    print(render_text(report))
+    html = traces.with_name("report.html")
+    html.write_text(render_html(report), encoding="utf-8")
+    print(f"The same report with plots: {html}")
+    print(f"  (made by: shadow-proxy report {traces} --html {html})")
+    print()
     print("Look at the traces in Jaeger:")
     print("  docker run --rm -p 16686:16686 -p 4317:4317 jaegertracing/jaeger:latest")
     print("  OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4317 ./scripts/demo.sh")
     print("  then open http://localhost:16686 and pick the service 'shadow-proxy'")
-    print(
-        f"  (or load {traces.name} in Jaeger's UI: Search > Upload; see README 'Traces in Jaeger')"
-    )
+    print(f"  or, without sending anything: shadow-proxy merge-traces {traces} -o traces.json")
+    print("  and load traces.json in Jaeger's UI (Search > Upload JSON)")
 
 
 def main(argv: list[str] | None = None) -> int:

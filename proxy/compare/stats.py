@@ -254,9 +254,8 @@ class TopN(Generic[T]):
         makes it, so that an item that would be thrown away is never built."""
         self._seq += 1
         entry_key = (key, -self._seq)
-        if len(self._heap) >= self.n:
-            if self.n == 0 or entry_key <= self._heap[0][:2]:
-                return
+        if len(self._heap) >= self.n and (self.n == 0 or entry_key <= self._heap[0][:2]):
+            return
         value: T = item() if callable(item) else item  # type: ignore[assignment]
         entry = (key, -self._seq, value)
         if len(self._heap) < self.n:

@@ -35,6 +35,9 @@ class RecordedCall:
     shadows: dict[str, BackendCall] = field(default_factory=dict)
 
 
+_CALL_ROLES = frozenset(("proxy", "production", "shadow", "reference"))
+
+
 def _value(raw: dict[str, Any]) -> Any:
     if "stringValue" in raw:
         return raw["stringValue"]
@@ -53,6 +56,20 @@ def _attributes(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {item["key"]: _value(item.get("value", {})) for item in items}
 
 
+def document_spans(document: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The spans of one OTLP JSON traces document, as they are (attributes not flattened).
+
+    Accepts ``scopeSpans`` and the older ``instrumentationLibrarySpans`` that some
+    Collectors still write.
+    """
+    for resource_spans in document["resourceSpans"] or ():
+        scopes = resource_spans.get("scopeSpans") or resource_spans.get(
+            "instrumentationLibrarySpans"
+        )
+        for scope_spans in scopes or ():
+            yield from scope_spans.get("spans") or ()
+
+
 def iter_spans(path: Path) -> Iterator[dict[str, Any]]:
     """Every span in the file, as the OTLP JSON dict with ``attributes`` flattened to a dict.
 
@@ -68,11 +85,9 @@ def iter_spans(path: Path) -> Iterator[dict[str, Any]]:
                 raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
             if not isinstance(document, dict) or "resourceSpans" not in document:
                 raise ValueError(f"{path}:{number}: not an OTLP traces document (no resourceSpans)")
-            for resource_spans in document["resourceSpans"]:
-                for scope_spans in resource_spans.get("scopeSpans", []):
-                    for span in scope_spans.get("spans", []):
-                        span["attributes"] = _attributes(span.get("attributes", []))
-                        yield span
+            for span in document_spans(document):
+                span["attributes"] = _attributes(span.get("attributes", []))
+                yield span
 
 
 def _reply(span: dict[str, Any]) -> dict[str, Any] | None:
@@ -95,8 +110,8 @@ def read_calls(path: Path) -> list[RecordedCall]:
     for span in iter_spans(path):
         attributes = span["attributes"]
         role = attributes.get("shadow.role")
-        if role is None:
-            continue
+        if role not in _CALL_ROLES:
+            continue  # not a call's span (feedback spans, other services)
         trace_id = span.get("traceId", "")
         call = calls.get(trace_id)
         if call is None:
