@@ -101,6 +101,10 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "completed 40, failed 0, dropped 0" in out
     assert "agreement with production" in out
     assert "OTEL_EXPORTER_OTLP_ENDPOINT" in out
+    # The demo ends with the comparison report, true labels joined from the Feedback service.
+    assert "Shadow report:" in out and "Verdict" in out
+    assert "40 request ids from feedback spans" in out
+    assert (tmp_path / "report.html").read_text().count("<svg") >= 3
     calls = read_calls(tmp_path / "traces.jsonl")
     assert len(calls) == 40
     assert all(c.production and "candidate" in c.shadows for c in calls)
