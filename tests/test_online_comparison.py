@@ -8,6 +8,7 @@ import urllib.request
 import grpc
 import pytest
 from grpc import aio
+from opentelemetry.exporter.otlp.json.file import FileSpanExporter
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
@@ -15,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from model_servers import ModelServerOptions, start_model_server
 from model_servers.models import fitted_model, heldout
 from proxy import metrics
+from proxy.compare.report import build_report
 from proxy.gen import feedback_pb2, feedback_pb2_grpc, predict_pb2
 from proxy.server import ProxyServer
 from proxy.tensors import to_tensor
@@ -47,16 +49,17 @@ async def model_servers():
         await server.stop()
 
 
-async def test_shadow_replies_are_compared_with_production_and_counted(model_servers):
+async def test_shadow_replies_are_compared_with_production_and_counted(model_servers, tmp_path):
     production, candidate, twin = model_servers
     spans, reader = InMemorySpanExporter(), InMemoryMetricReader()
+    traces = tmp_path / "traces.jsonl"
     proxy = ProxyServer(
         proxy_settings(
             f"production={production.address}",
             [f"candidate={candidate.address}"],
             references=[f"twin={twin.address}"],
         ),
-        span_exporters=[spans],
+        span_exporters=[spans, FileSpanExporter(traces)],
         metric_readers=[reader],
     )
     await proxy.start()
@@ -158,6 +161,20 @@ async def test_shadow_replies_are_compared_with_production_and_counted(model_ser
         "twin",
     }
     assert all(p.value == 0 for p in points[metrics.DROPPED])
+
+    # The report, read from the file the proxy wrote, against the same independent counts.
+    report = {b["name"]: b for b in build_report(traces).to_dict()["backends"]}
+    assert report["candidate"]["agreement"]["successes"] == agreed
+    assert report["candidate"]["agreement"]["total"] == ROWS
+    assert report["twin"]["noise_rate"]["successes"] == 0
+    assert report["candidate"]["noise"] == 0 and report["candidate"]["real"] == ROWS - agreed
+    for name, predictions in (
+        ("production", expected_production),
+        ("candidate", expected_candidate),
+    ):
+        correct = int(sum(int(predictions[i]) == int(truth[i]) for i in range(ROWS)))
+        assert report[name]["accuracy"]["successes"] == correct
+        assert report[name]["accuracy"]["total"] == ROWS
 
 
 async def test_shadow_errors_are_status_mismatches(backends, make_proxy, channel_to):

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from grpc import aio
 
+from proxy import metrics
 from proxy.cli import build_parser, settings_from_args
 from proxy.gen import predict_pb2
 from proxy.server import ProxyServer
@@ -85,6 +86,17 @@ async def test_proxy_production_and_shadow_spans_reach_an_otlp_collector(
         finally:
             await proxy.stop()
         spans = receiver.spans()
+        # Metrics travel with the traces (the meter provider flushes them at shutdown).
+        metric_names = receiver.metric_names()
+
+    assert {
+        metrics.CALLS,
+        metrics.DURATION,
+        metrics.COMPARISONS,
+        metrics.DROPPED,
+        metrics.RECORDER_DROPPED,
+        metrics.EXPORTER_FAILED,
+    } <= metric_names
 
     assert sorted(span.name for span in spans) == [
         "predict.v1.PredictionService/Predict",
