@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,29 @@ def test_demo_runs_end_to_end(tmp_path):
     calls = read_calls(tmp_path / "traces.jsonl")
     assert len(calls) == 40
     assert all(c.production and "candidate" in c.shadows for c in calls)
+
+
+def test_merge_traces_makes_one_document_for_the_jaeger_upload(tmp_path):
+    lines = [
+        {"resourceSpans": [{"scopeSpans": [{"spans": [{"spanId": "a"}, {"spanId": "b"}]}]}]},
+        {"resourceSpans": [{"scopeSpans": [{"spans": [{"spanId": "c"}]}]}]},
+    ]
+    traces = tmp_path / "t.jsonl"
+    traces.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "t.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "merge-traces", str(traces), "-o", str(out)],
+        capture_output=True, text=True, timeout=30, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "wrote 3 spans" in result.stdout
+    merged = json.loads(out.read_text())
+    assert [
+        s["spanId"] for r in merged["resourceSpans"] for sc in r["scopeSpans"] for s in sc["spans"]
+    ] == ["a", "b", "c"]
+    traces.write_text("not json\n")
+    bad = subprocess.run(
+        [sys.executable, "-m", "proxy", "merge-traces", str(traces), "-o", str(out)],
+        capture_output=True, text=True, timeout=30, cwd=ROOT,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "t.jsonl:1: not JSON" in bad.stderr

@@ -70,8 +70,8 @@ def document_spans(document: dict[str, Any]) -> Iterator[dict[str, Any]]:
             yield from scope_spans.get("spans") or ()
 
 
-def iter_spans(path: Path) -> Iterator[dict[str, Any]]:
-    """Every span in the file, as the OTLP JSON dict with ``attributes`` flattened to a dict.
+def iter_documents(path: Path) -> Iterator[dict[str, Any]]:
+    """Every OTLP JSON traces document in the file, one per non-empty line.
 
     Raises ValueError naming the line when a line is not OTLP JSON.
     """
@@ -85,9 +85,18 @@ def iter_spans(path: Path) -> Iterator[dict[str, Any]]:
                 raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
             if not isinstance(document, dict) or "resourceSpans" not in document:
                 raise ValueError(f"{path}:{number}: not an OTLP traces document (no resourceSpans)")
-            for span in document_spans(document):
-                span["attributes"] = _attributes(span.get("attributes", []))
-                yield span
+            yield document
+
+
+def iter_spans(path: Path) -> Iterator[dict[str, Any]]:
+    """Every span in the file, as the OTLP JSON dict with ``attributes`` flattened to a dict.
+
+    Raises ValueError naming the line when a line is not OTLP JSON.
+    """
+    for document in iter_documents(path):
+        for span in document_spans(document):
+            span["attributes"] = _attributes(span.get("attributes", []))
+            yield span
 
 
 def _reply(span: dict[str, Any]) -> dict[str, Any] | None:
@@ -143,19 +152,10 @@ def merge_for_upload(path: Path, out: Path) -> int:
     form the Jaeger UI's "Upload JSON" accepts; returns the number of spans written."""
     resource_spans: list[Any] = []
     spans = 0
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                document = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
-            if not isinstance(document, dict) or "resourceSpans" not in document:
-                raise ValueError(f"{path}:{number}: not an OTLP traces document (no resourceSpans)")
-            for entry in document["resourceSpans"]:
-                spans += sum(len(s.get("spans", [])) for s in entry.get("scopeSpans", []))
-                resource_spans.append(entry)
+    for document in iter_documents(path):
+        for entry in document["resourceSpans"]:
+            spans += sum(len(s.get("spans", [])) for s in entry.get("scopeSpans", []))
+            resource_spans.append(entry)
     out.write_text(
         json.dumps({"resourceSpans": resource_spans}, separators=(",", ":")), encoding="utf-8"
     )
