@@ -10,7 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from proxy.errors import ConfigError
-from proxy.settings import EXPORTER_CHOICES, Settings, load_settings, read_config_file
+from proxy.settings import (
+    EXPORTER_CHOICES,
+    BackendSettings,
+    Settings,
+    load_settings,
+    read_config_file,
+)
 
 PROG = "shadow-proxy"
 
@@ -184,6 +190,50 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
         metavar="N",
         help="outcomes waiting to be recorded; over it they are dropped and counted (default 20000)",
     )
+    admin = p.add_argument_group("backends at run time (admin API, state, workers)")
+    admin.add_argument(
+        "--admin-listen",
+        metavar="HOST:PORT",
+        help="address of the admin service that registers, updates and promotes backends at run "
+        "time (default 127.0.0.1:50052; 'off' turns it off). Off loopback it needs --admin-token",
+    )
+    admin.add_argument(
+        "--admin-token",
+        metavar="TOKEN",
+        help="every admin call must carry 'authorization: Bearer TOKEN' (or set "
+        "SHADOW_PROXY_ADMIN_TOKEN)",
+    )
+    admin.add_argument(
+        "--state-file",
+        metavar="PATH",
+        help="where run-time changes to the backends are kept, replayed on start over the config "
+        "(default: CONFIG.state.json beside --config, else ./shadow-proxy.state.json; 'none' keeps "
+        "them in memory only)",
+    )
+    admin.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="serve with N processes on one port (SO_REUSEPORT); changes made through any worker "
+        "reach all of them through the state file within a second (default 1)",
+    )
+    admin.add_argument(
+        "--reuse-port",
+        action="store_true",
+        default=None,
+        help="share the listening port with other proxy processes (SO_REUSEPORT); --workers "
+        "sets it for its workers",
+    )
+    tls = p.add_argument_group("TLS")
+    tls.add_argument(
+        "--tls-cert", metavar="PEM", help="certificate chain for the proxy's listeners (TLS)"
+    )
+    tls.add_argument("--tls-key", metavar="PEM", help="private key for --tls-cert")
+    tls.add_argument(
+        "--tls-client-ca",
+        metavar="PEM",
+        help="CA certificates; clients must present a certificate it signed (mutual TLS)",
+    )
     p.add_argument(
         "--ready-file",
         type=Path,
@@ -255,6 +305,14 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "health_interval": args.health_interval,
         "recorder_queue_size": args.recorder_queue_size,
         "log_level": args.log_level,
+        "admin_listen": args.admin_listen,
+        "admin_token": args.admin_token,
+        "state_file": _state_file(args, config),
+        "workers": args.workers,
+        "reuse_port": args.reuse_port,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_client_ca": args.tls_client_ca,
     }
     if args.redact_metadata and "redact_metadata" in config:
         # Redaction adds up: the file's keys stay hidden when a flag hides one more.
@@ -262,6 +320,15 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         from_file = [from_file] if isinstance(from_file, str) else list(from_file or [])
         overrides["redact_metadata"] = [*from_file, *args.redact_metadata]
     return load_settings(config=config, overrides=overrides)
+
+
+def _state_file(args: argparse.Namespace, config: dict[str, Any]) -> str | None:
+    chosen = args.state_file or config.get("state_file")
+    if chosen is not None:
+        return None if str(chosen).lower() in ("none", "off", "") else str(chosen)
+    if args.config:
+        return str(args.config.with_name(args.config.name + ".state.json"))
+    return "shadow-proxy.state.json"
 
 
 def _configure_logging(level: str) -> None:
@@ -284,7 +351,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             settings = settings_from_args(args)
             _configure_logging(settings.log_level)
-            return asyncio.run(run(settings, args.ready_file))
+            if settings.workers > 1:
+                from proxy.workers import supervise
+
+                return supervise(settings, sys.argv[1:] if argv is None else argv, args.ready_file)
+
+            def reload_base() -> list[BackendSettings]:
+                # SIGHUP: the config file again, flags over it, as at start.
+                return list(settings_from_args(args).backends)
+
+            return asyncio.run(run(settings, args.ready_file, reload_base if args.config else None))
         except ConfigError as exc:
             print(f"{PROG}: error: {exc}", file=sys.stderr)
             return 2

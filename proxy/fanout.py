@@ -21,8 +21,10 @@ from grpc import aio
 from proxy.errors import BackendUnreachable, status_for_unreachable
 from proxy.gen import predict_pb2
 from proxy.records import BackendOutcome, CallRecord, Metadata, ProductionView, TraceContext
+from proxy.registry import Backend, Registry
+from proxy.settings import BackendSettings
 from proxy.shadow import NO_SHADOWS, ShadowDecision, ShadowWriter
-from proxy.upstream import Upstream, came_from_backend
+from proxy.upstream import came_from_backend
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +109,11 @@ class FanOut:
 
     def __init__(
         self,
-        production: Upstream,
+        registry: Registry,
         shadows: ShadowWriter,
         record: Callable[[CallRecord], None],
     ) -> None:
-        self.production = production
+        self.registry = registry
         self.shadows = shadows
         self._record = record
         self.stats = ProductionStats()
@@ -139,7 +141,14 @@ class FanOut:
         if tracestate is not None and trace.remote_parent_span_id is None:
             # W3C: a tracestate without a valid traceparent belongs to no trace; drop it.
             forwarded = [(k, v) for k, v in forwarded if k != "tracestate"]
-        backend = self.production.backend
+        # One snapshot per call: a promotion mid-call cannot give it two productions.
+        snapshot = self.registry.snapshot
+        production = snapshot.production
+        backend = production.settings
+        if not production.serving:
+            return self._fail_fast(
+                method, request_id, trace, start_ns, request, received, peer, production
+            )
         span_id = random.getrandbits(64) or 1
         production_md = (*forwarded, ("traceparent", trace.traceparent(span_id)))
         timeout = time_remaining
@@ -148,21 +157,23 @@ class FanOut:
 
         # Production's call object starts its RPC as soon as it exists; the shadows start in
         # the same loop iteration, so neither waits for the other.
-        call = self.production.method(method)(request, timeout=timeout, metadata=production_md)
+        call = production.upstream.method(method)(request, timeout=timeout, metadata=production_md)
         prod_start_ns = time.time_ns()
         decision: ShadowDecision = NO_SHADOWS
         # Shadows learn production's answer through this future, to compare with it later;
-        # only made when some shadow got a copy.
+        # only made when some backend gets copies.
         answer: asyncio.Future[ProductionView] | None = None
-        if self.shadows.has_copies:
+        if snapshot.copies:
             answer = asyncio.get_running_loop().create_future()
             try:
                 decision = self.shadows.send(
-                    method, request, tuple(forwarded), request_id, trace, answer
+                    snapshot.copies, method, request, tuple(forwarded), request_id, trace, answer
                 )
             except Exception:  # shadowing must never cost a production call
                 log.exception("could not start shadow calls")
         self.stats.calls += 1
+        production.stats.sent += 1
+        production.in_flight += 1
         initial: Metadata = ()
         from_backend = True
         try:
@@ -181,8 +192,10 @@ class FanOut:
             body, trailing = None, ()
             code, details, from_backend = grpc.StatusCode.INTERNAL, f"proxy error: {exc}", False
         except asyncio.CancelledError:
+            production.in_flight -= 1
             self.stats.cancelled += 1
             self.stats.count(grpc.StatusCode.CANCELLED)
+            production.stats.count(grpc.StatusCode.CANCELLED, cancelled_by_proxy=True)
             if answer is not None:
                 answer.set_result(
                     ProductionView(grpc.StatusCode.CANCELLED, None, time.time_ns() - prod_start_ns)
@@ -190,16 +203,18 @@ class FanOut:
             self._submit(
                 method, request_id, trace, start_ns, request, received, peer, decision,
                 grpc.StatusCode.CANCELLED, "cancelled by the client",
-                self._outcome(method, request_id, trace, span_id, prod_start_ns, len(request),
+                self._outcome(backend, method, request_id, trace, span_id, prod_start_ns, len(request),
                               grpc.StatusCode.CANCELLED, "cancelled by the client", None, (), False),
             )  # fmt: skip
             raise
         end_ns = time.time_ns()
+        production.in_flight -= 1
         self.stats.count(code)
+        production.stats.count(code)
         if answer is not None:
             answer.set_result(ProductionView(code, body, end_ns - prod_start_ns))
         outcome = self._outcome(
-            method, request_id, trace, span_id, prod_start_ns, len(request),
+            backend, method, request_id, trace, span_id, prod_start_ns, len(request),
             code, details, body, trailing, from_backend, end_ns,
         )  # fmt: skip
         client_code, client_details = code, details
@@ -221,8 +236,37 @@ class FanOut:
         )  # fmt: skip
         return ProductionReply(client_code, client_details, body, initial, trailing)
 
+    def _fail_fast(
+        self,
+        method: str,
+        request_id: str,
+        trace: TraceContext,
+        start_ns: int,
+        request: bytes,
+        received: Metadata,
+        peer: str,
+        production: Backend,
+    ) -> ProductionReply:
+        """Production's health check says it is not serving: answer at once, naming it."""
+        backend = production.settings
+        self.stats.calls += 1
+        self.stats.errors += 1
+        self.stats.unreachable += 1
+        self.stats.count(grpc.StatusCode.UNAVAILABLE)
+        details = f"production backend '{backend.name}' ({backend.address}) is not serving" + (
+            f": {production.health_detail}" if production.health_detail else ""
+        )
+        self._submit(
+            method, request_id, trace, start_ns, request, received, peer, NO_SHADOWS,
+            grpc.StatusCode.UNAVAILABLE, details, None,
+        )  # fmt: skip
+        return ProductionReply(
+            grpc.StatusCode.UNAVAILABLE, details, None, (), ((REQUEST_ID_KEY, request_id),)
+        )
+
     def _outcome(
         self,
+        backend: BackendSettings,
         method: str,
         request_id: str,
         trace: TraceContext,
@@ -236,7 +280,6 @@ class FanOut:
         from_backend: bool,
         end_ns: int | None = None,
     ) -> BackendOutcome:
-        backend = self.production.backend
         return BackendOutcome(
             role="production",
             name=backend.name,

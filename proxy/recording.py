@@ -23,6 +23,7 @@ from proxy.compare.pair import PREDICT_METHOD, compare_replies, decode_outputs, 
 from proxy.metrics import ProxyMetrics
 from proxy.payloads import PayloadCodec, metadata_attributes
 from proxy.records import BackendOutcome, CallRecord, FeedbackRecord, TraceContext
+from proxy.registry import Registry
 from proxy.settings import Settings
 from proxy.telemetry import Telemetry
 
@@ -76,6 +77,8 @@ class Recorder:
     ) -> None:
         self._telemetry = telemetry
         self._metrics = metrics or ProxyMetrics(None)
+        self.registry: Registry | None = None
+        """Where per-backend agreement counts go (the admin API lists them)."""
         self._tolerance = settings.tolerance
         self._recent: collections.OrderedDict[str, tuple[int, int]] = collections.OrderedDict()
         self._tracer: Tracer | None = (
@@ -274,6 +277,10 @@ class Recorder:
         self._metrics.record_call(outcome.name, outcome.role, latency_ms)
         if production is not None:
             self._metrics.record_comparison(outcome.name, outcome.role, agree, max_abs_diff)
+            backend = self.registry.find(outcome.name) if self.registry is not None else None
+            if backend is not None and agree is not None:
+                backend.stats.compared += 1
+                backend.stats.agreed += agree
         return attributes
 
     def _record_feedback(self, record: FeedbackRecord) -> None:

@@ -6,8 +6,9 @@ import asyncio
 import functools
 import logging
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc import aio
@@ -18,14 +19,18 @@ from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from proxy import metrics
+from proxy.admin import ADMIN_SERVICE, AdminServicer
 from proxy.errors import ConfigError
 from proxy.fanout import FanOut
 from proxy.feedback import FEEDBACK_SERVICE, FeedbackServicer
-from proxy.gen import feedback_pb2_grpc, predict_pb2
+from proxy.gen import admin_pb2_grpc, feedback_pb2_grpc, predict_pb2
+from proxy.health import HealthWatcher
 from proxy.metrics import ProxyMetrics, build_metrics
 from proxy.recording import Recorder
-from proxy.settings import Settings
+from proxy.registry import Registry, RegistryError, Snapshot, replay
+from proxy.settings import BackendSettings, Settings
 from proxy.shadow import ShadowWriter
+from proxy.state import StateFile
 from proxy.telemetry import Telemetry, build_telemetry
 from proxy.upstream import Upstream, channel_options
 
@@ -76,27 +81,44 @@ class ProxyServer:
         telemetry: Telemetry | None = None,
         span_exporters: Sequence[SpanExporter] | None = None,
         metric_readers: Sequence[MetricReader] | None = None,
+        reload_base: Callable[[], list[BackendSettings]] | None = None,
     ) -> None:
         self.settings = settings
+        self._reload_base = reload_base
+        self._base = list(settings.backends)
+        self._changes: list[dict[str, Any]] = []  # run-time changes when there is no state file
+        self.state = StateFile(settings.state_file) if settings.state_file else None
+        changes = self.state.load() if self.state else []
+        backends, skipped = replay(self._base, changes)
+        for reason in skipped:
+            log.warning("state file: a recorded change no longer applies, skipped: %s", reason)
         self.telemetry = telemetry or build_telemetry(settings, span_exporters)
         self.metrics: ProxyMetrics = build_metrics(settings, metric_readers)
         self.port = 0
         self._server: aio.Server | None = None
         self._health = health_aio.HealthServicer()
         self._health_task: asyncio.Task[None] | None = None
-        self._production_serving: bool | None = None
         self._stopped = False
+        self._admin_server: aio.Server | None = None
+        self.admin_port = 0
+        self._background: list[asyncio.Task[None]] = []
+        self._closing_channels: set[asyncio.Task[None]] = set()
         self.recorder = Recorder(settings, self.telemetry, metrics=self.metrics)
-        self.production = Upstream(
-            settings.production, max_message_bytes=settings.max_message_bytes
-        )
-        self.shadow_upstreams = [
-            Upstream(backend, max_message_bytes=settings.max_message_bytes)
-            for backend in settings.copies
-        ]
-        self.shadows = ShadowWriter(self.shadow_upstreams, self.recorder.submit)
-        self.fanout = FanOut(self.production, self.shadows, self.recorder.submit)
+
+        def make_upstream(backend: BackendSettings) -> Upstream:
+            return Upstream(backend, max_message_bytes=settings.max_message_bytes)
+
+        try:
+            self.registry = Registry(backends, make_upstream)
+        except RegistryError as exc:
+            raise ConfigError(exc.message) from None
+        self.registry.listeners.append(self._on_registry_change)
+        self.recorder.registry = self.registry
+        self.shadows = ShadowWriter(self.registry, self.recorder.submit)
+        self.fanout = FanOut(self.registry, self.shadows, self.recorder.submit)
         self.feedback = FeedbackServicer(self.recorder.submit)
+        self.health = HealthWatcher(self.registry, settings.health_interval, self._set_health)
+        self.admin = AdminServicer(self.registry, self.change, settings.admin_token)
         self._observe_metrics()
 
     @property
@@ -129,7 +151,7 @@ class ProxyServer:
             *channel_options(self.settings.max_message_bytes),
             # One process per port unless --workers says otherwise: a second proxy on the
             # same port must fail loudly, not share the traffic silently.
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if self.settings.reuse_port else 0),
         ]
         server = aio.server(options=options)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -144,25 +166,32 @@ class ProxyServer:
             server,
         )
         server.add_generic_rpc_handlers((_ForwardingHandler(self),))
-        try:
-            port = server.add_insecure_port(self.settings.listen)
-        except RuntimeError as exc:
-            raise ConfigError(f"--listen: cannot listen on {self.settings.listen}: {exc}") from None
-        if not port:
-            raise ConfigError(
-                f"--listen: cannot listen on {self.settings.listen} (address in use?)"
-            )
+        port = _bind(server, self.settings.listen, "--listen", self._server_credentials())
         self.port = port
         self.recorder.listen_port = port
         self.recorder.start()
         await server.start()
         self._server = server
-        log.info("shadow-proxy listening on %s", self.address)
-        log.info("production: %s", self.settings.production.describe())
-        for backend in self.settings.copies:
+        log.info(
+            "shadow-proxy listening on %s%s",
+            self.address,
+            " (TLS, client certificates required)"
+            if self.settings.tls_client_ca
+            else " (TLS)"
+            if self.settings.tls_cert
+            else "",
+        )
+        for backend in self.registry.backends():
             log.info(
-                "%s: %s (max %d in flight)", backend.role, backend.describe(), backend.max_in_flight
+                "%s: %s (max %d in flight; from %s)",
+                backend.role,
+                backend.settings.describe(),
+                backend.settings.max_in_flight,
+                backend.settings.source,
             )
+        if self.state is not None:
+            log.info("run-time changes are kept in %s", self.state.path.resolve())
+        await self._start_admin(options)
         self._log_exporters()
         if self.metrics.prometheus_port is not None:
             log.info(
@@ -170,54 +199,160 @@ class ProxyServer:
                 self.settings.metrics_host,
                 self.metrics.prometheus_port,
             )
-        await self._check_production()
-        self._health_task = asyncio.create_task(self._watch_production())
+        await self.health.check_all()
+        self._background.append(asyncio.create_task(self.health.run()))
+        if self.state is not None:
+            self._background.append(asyncio.create_task(self._follow_state()))
         return port
 
-    def _observe_metrics(self) -> None:
-        production = self.settings.production
-        writer, fanout, recorder, telemetry = (
-            self.shadows,
-            self.fanout,
-            self.recorder,
-            self.telemetry,
+    def _server_credentials(self) -> grpc.ServerCredentials | None:
+        settings = self.settings
+        if settings.tls_cert is None or settings.tls_key is None:
+            return None
+        client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+        return grpc.ssl_server_credentials(
+            [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
         )
 
+    async def _start_admin(self, options: list[tuple[str, int]]) -> None:
+        if self.settings.admin_listen is None:
+            log.info("admin service off")
+            return
+        server = aio.server(options=options)
+        admin_pb2_grpc.add_ProxyAdminServicer_to_server(self.admin, server)
+        reflection.enable_server_reflection((ADMIN_SERVICE, reflection.SERVICE_NAME), server)
+        self.admin_port = _bind(
+            server, self.settings.admin_listen, "--admin-listen", self._server_credentials()
+        )
+        await server.start()
+        self._admin_server = server
+        host = self.settings.admin_listen.rpartition(":")[0]
+        log.info(
+            "admin service on %s:%d (%s)",
+            host,
+            self.admin_port,
+            "bearer token required" if self.settings.admin_token else "no token: loopback only",
+        )
+
+    # ------------------------------------------------------------------ backends at run time
+
+    def change(self, change: Mapping[str, Any]) -> None:
+        """Validate, apply and persist one change to the backends (from the admin API).
+
+        Under the state file's lock, the registry first catches up with changes other
+        workers made, so the change is checked against the registry every worker has.
+        Raises RegistryError and changes nothing when the change is refused.
+        """
+        if self.state is None:
+            self.registry.apply(change)
+            self._changes.append(dict(change))
+        else:
+            with self.state.locked():
+                self._resync()
+                self.registry.apply(change)
+                self.state.append(change)
+        log.info("admin: %s", _describe_change(change))
+
+    def _resync(self) -> None:
+        """Rebuild the registry from the base backends and the state file's changes."""
+        changes = self.state.load() if self.state else []
+        backends, skipped = replay(self._base, changes)
+        for reason in skipped:
+            log.warning("state file: a recorded change no longer applies, skipped: %s", reason)
+        if [s for s in backends] != self.registry.settings() or [s.role for s in backends] != [
+            s.role for s in self.registry.settings()
+        ]:
+            self.registry.replace_all(backends)
+
+    async def _follow_state(self) -> None:
+        """Pick up changes other workers wrote to the state file."""
+        assert self.state is not None
+        while True:
+            await asyncio.sleep(self.settings.state_poll_interval)
+            try:
+                if self.state.changed():
+                    with self.state.locked():
+                        self._resync()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("could not follow the state file")
+
+    def reload(self) -> None:
+        """SIGHUP: read the config again and apply it, with the run-time changes on top,
+        without dropping a call (in-flight calls keep the backends they started with)."""
+        if self._reload_base is None:
+            log.warning("SIGHUP: nothing to reload (no --config)")
+            return
+        try:
+            base = self._reload_base()
+        except ConfigError as exc:
+            log.error("SIGHUP: config not reloaded: %s", exc)
+            return
+        self._base = base
+        try:
+            if self.state is None:
+                self._resync()
+            else:
+                with self.state.locked():
+                    self._resync()
+        except RegistryError as exc:
+            log.error("SIGHUP: config not applied: %s", exc.message)
+            return
+        log.info(
+            "SIGHUP: config reloaded; backends: %s",
+            ", ".join(f"{b.role} {b.name}" for b in self.registry.backends()),
+        )
+
+    def _on_registry_change(self, snapshot: Snapshot) -> None:
+        # A removed backend's channel closes once its in-flight calls end (bounded).
+        for upstream in self.registry.take_retired():
+            task = asyncio.get_running_loop().create_task(upstream.channel.close(grace=30.0))
+            self._closing_channels.add(task)
+            task.add_done_callback(self._closing_channels.discard)
+
+    async def _set_health(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        if not serving:
+            production = self.registry.snapshot.production
+            log.warning(
+                "production %s is not serving: the proxy reports NOT_SERVING and fails calls fast",
+                production.name,
+            )
+        await self._health.set("", status)
+        await self._health.set(PREDICT_SERVICE, status)
+
+    def _observe_metrics(self) -> None:
+        registry, recorder, telemetry = self.registry, self.recorder, self.telemetry
+
         def calls() -> list[tuple[int, dict[str, str]]]:
-            found = [
+            return [
                 (
                     count,
                     {
-                        "shadow.backend": production.name,
-                        "shadow.role": "production",
+                        "shadow.backend": backend.name,
+                        "shadow.role": backend.role,
                         "rpc.grpc.status_code": code,
                     },
                 )
-                for code, count in fanout.stats.by_code.items()
+                for backend in registry.backends()
+                for code, count in backend.stats.by_code.items()
             ]
-            for backend in self.settings.copies:
-                stats = writer.stats[backend.name]
-                found += [
-                    (
-                        count,
-                        {
-                            "shadow.backend": backend.name,
-                            "shadow.role": backend.role,
-                            "rpc.grpc.status_code": code,
-                        },
-                    )
-                    for code, count in stats.by_code.items()
-                ]
-            return found
 
         def per_copy(field: str) -> Callable[[], list[tuple[int, dict[str, str]]]]:
             def observe() -> list[tuple[int, dict[str, str]]]:
                 return [
                     (
-                        getattr(writer.stats[b.name], field),
+                        getattr(b.stats, field),
                         {"shadow.backend": b.name, "shadow.role": b.role},
                     )
-                    for b in self.settings.copies
+                    for b in registry.snapshot.copies
                 ]
 
             return observe
@@ -234,6 +369,10 @@ class ProxyServer:
                     per_copy("dropped"),
                 ),
                 metrics.TIMED_OUT: ("Shadow calls past their timeout", per_copy("timed_out")),
+                metrics.UNHEALTHY_SKIPPED: (
+                    "Shadow copies not sent while the shadow's health check failed",
+                    per_copy("unhealthy_skipped"),
+                ),
                 metrics.RECORDER_DROPPED: (
                     "Outcomes (spans, payloads) dropped because the recorder queue was full",
                     lambda: [(recorder.dropped, {})],
@@ -263,51 +402,6 @@ class ProxyServer:
             else:
                 log.info("traces: %s exporter", exporter.name)
 
-    async def _check_production(self) -> None:
-        timeout = min(1.0, self.settings.health_interval)
-        check = self.production.channel.unary_unary(
-            "/grpc.health.v1.Health/Check",
-            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-            response_deserializer=health_pb2.HealthCheckResponse.FromString,
-        )
-        try:
-            response = await check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
-            serving = response.status == health_pb2.HealthCheckResponse.SERVING
-            why = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-        except aio.AioRpcError as error:
-            # A backend without the health service still answers: it is reachable.
-            serving = error.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND)
-            why = f"{error.code().name}: {error.details()}"
-        if serving != self._production_serving:
-            backend = self.settings.production
-            if serving:
-                log.info("production %s (%s) is serving", backend.name, backend.address)
-            else:
-                log.warning(
-                    "production %s (%s) is not serving (%s); the proxy reports NOT_SERVING",
-                    backend.name,
-                    backend.address,
-                    why,
-                )
-            self._production_serving = serving
-            status = (
-                health_pb2.HealthCheckResponse.SERVING
-                if serving
-                else health_pb2.HealthCheckResponse.NOT_SERVING
-            )
-            await self._health.set("", status)
-            await self._health.set(PREDICT_SERVICE, status)
-
-    async def _watch_production(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.health_interval)
-            try:
-                await self._check_production()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("health check of production failed")
-
     async def stop(self) -> None:
         """Ordered shutdown: stop accepting, finish production calls, drain shadows, flush."""
         if self._stopped:
@@ -316,22 +410,26 @@ class ProxyServer:
         settings = self.settings
         log.info("shutting down: finishing in-flight calls (up to %.1fs)", settings.shutdown_grace)
         await self._health.enter_graceful_shutdown()
-        if self._health_task is not None:
-            self._health_task.cancel()
-            await asyncio.gather(self._health_task, return_exceptions=True)
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._admin_server is not None:
+            await self._admin_server.stop(grace=1.0)
         if self._server is not None:
             await self._server.stop(grace=settings.shutdown_grace)
         await self.shadows.drain(settings.shadow_grace)
-        for upstream in (self.production, *self.shadow_upstreams):
+        for backend in self.registry.backends():
+            await backend.upstream.close()
+        for upstream in self.registry.take_retired():
             await upstream.close()
+        for task in list(self._closing_channels):
+            task.cancel()
         await asyncio.to_thread(self.recorder.close)
         flushed = await asyncio.to_thread(self.telemetry.shutdown)
         await asyncio.to_thread(self.metrics.shutdown)
-        log.info("production %s: %s", settings.production.name, self.fanout.stats.summary())
-        for backend in settings.copies:
-            log.info(
-                "%s %s: %s", backend.role, backend.name, self.shadows.stats[backend.name].summary()
-            )
+        log.info("production calls: %s", self.fanout.stats.summary())
+        for backend in self.registry.backends():
+            log.info("%s %s: %s", backend.role, backend.name, backend.stats.summary())
         if self.recorder.enabled:
             log.info(
                 "recorder: %s; exporters: %s", self.recorder.summary(), self.telemetry.summary()
@@ -343,9 +441,14 @@ class ProxyServer:
             await self._server.wait_for_termination()
 
 
-async def run(settings: Settings, ready_file: Path | None = None) -> int:
-    """Serve until SIGTERM or SIGINT, then shut down in order. Returns the exit code."""
-    proxy = ProxyServer(settings)
+async def run(
+    settings: Settings,
+    ready_file: Path | None = None,
+    reload_base: Callable[[], list[BackendSettings]] | None = None,
+) -> int:
+    """Serve until SIGTERM or SIGINT, then shut down in order; SIGHUP reloads the config.
+    Returns the exit code."""
+    proxy = ProxyServer(settings, reload_base=reload_base)
     await proxy.start()
     if ready_file is not None:
         _write_atomically(ready_file, f"{proxy.address}\n")
@@ -361,12 +464,42 @@ async def run(settings: Settings, ready_file: Path | None = None) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, proxy.reload)
     await stop.wait()
     await proxy.stop()
     if ready_file is not None:
         # A supervisor must not read a stopped proxy's address.
         await asyncio.to_thread(ready_file.unlink, missing_ok=True)
     return 0
+
+
+def _bind(
+    server: aio.Server, address: str, flag: str, credentials: grpc.ServerCredentials | None
+) -> int:
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        raise ConfigError(f"{flag}: cannot listen on {address}: {exc}") from None
+    if not port:
+        raise ConfigError(f"{flag}: cannot listen on {address} (address in use?)")
+    return int(port)
+
+
+def _describe_change(change: Mapping[str, Any]) -> str:
+    op = change.get("op")
+    if op == "register":
+        backend = change.get("backend") or {}
+        return f"registered {backend.get('role')} {backend.get('name')} at {backend.get('address')}"
+    if op == "promote":
+        return f"promoted {change.get('name')} to production" + (
+            " (old production removed)" if change.get("remove_old") else ""
+        )
+    if op == "update":
+        return f"updated {change.get('name')}: {change.get('changes')}"
+    return f"{op} {change.get('name')}"
 
 
 def _write_atomically(path: Path, text: str) -> None:

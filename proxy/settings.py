@@ -8,13 +8,14 @@ standard meaning; they are read by the OpenTelemetry SDK, and by :func:`default_
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import math
 import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,12 @@ class BackendSettings:
     max_in_flight: int = 256
     """Shadows only: calls allowed in flight at once; a copy over the bound is dropped and
     counted, never queued."""
+    tls: bool = False
+    """Connect to the backend over TLS (verified with the system's roots or ``tls_ca_file``)."""
+    tls_ca_file: str | None = None
+    """PEM file of CA certificates to verify the backend with; implies ``tls``."""
+    source: str = field(default="flags", compare=False)
+    """Where the backend came from: ``flags``, ``config`` or ``admin`` (logged at start)."""
 
     def describe(self) -> str:
         """A one-line description for logs."""
@@ -58,6 +65,8 @@ class BackendSettings:
             parts.append(f"sample={self.sample_rate:g}")
         if self.timeout is not None:
             parts.append(f"timeout={self.timeout:g}s")
+        if self.tls:
+            parts.append(f"tls=true{',ca=' + self.tls_ca_file if self.tls_ca_file else ''}")
         return ",".join(parts)
 
 
@@ -111,6 +120,27 @@ class Settings:
     """Outcomes waiting to become spans; over it new outcomes are dropped and counted."""
     log_level: str = "INFO"
     """Python logging level for the proxy's own log lines (stderr)."""
+    admin_listen: str | None = "127.0.0.1:50052"
+    """``HOST:PORT`` of the admin service (backends at run time); None turns it off. Off
+    loopback it requires ``admin_token``."""
+    admin_token: str | None = None
+    """When set, every admin call must carry ``authorization: Bearer <token>``."""
+    state_file: Path | None = None
+    """Where run-time changes to the backends are kept, to survive a restart; None keeps
+    them in memory only."""
+    state_poll_interval: float = 0.25
+    """Seconds between checks of the state file for changes made by other workers."""
+    workers: int = 1
+    """Processes serving the same port (SO_REUSEPORT)."""
+    reuse_port: bool = False
+    """Share the listening port with other processes (set for each of ``workers``); off, a
+    second proxy on the same port fails loudly instead of silently sharing the traffic."""
+    tls_cert: Path | None = None
+    """PEM certificate chain for the proxy's listener; with ``tls_key`` the proxy speaks TLS."""
+    tls_key: Path | None = None
+    """PEM private key for ``tls_cert``."""
+    tls_client_ca: Path | None = None
+    """PEM CA certificates; when set, clients must present a certificate it signed (mTLS)."""
 
     @property
     def backends(self) -> tuple[BackendSettings, ...]:
@@ -193,6 +223,9 @@ _BACKEND_KEYS = {
     "timeout": "timeout",
     "max_in_flight": "max_in_flight",
     "max-in-flight": "max_in_flight",
+    "tls": "tls",
+    "ca": "tls_ca_file",
+    "tls_ca_file": "tls_ca_file",
 }
 
 
@@ -213,7 +246,7 @@ def _backend(
     for key, value in options.items():
         target = _BACKEND_KEYS.get(key)
         if target is None:
-            known = ", ".join(sorted({"sample", "timeout", "max_in_flight"}))
+            known = ", ".join(sorted({"sample", "timeout", "max_in_flight", "tls", "ca"}))
             raise ConfigError(
                 f"{what}: unknown backend option {key!r} for {name!r}; known: {known}"
             )
@@ -221,6 +254,16 @@ def _backend(
             fields[target] = _sample_rate(value, f"{what} ({name})")
         elif target == "timeout":
             fields[target] = parse_duration(value, f"{what} ({name}) timeout")
+        elif target == "tls":
+            text = str(value).strip().lower()
+            if text not in ("true", "false", "1", "0", "yes", "no"):
+                raise ConfigError(f"{what} ({name}): tls must be true or false, got {value!r}")
+            fields[target] = text in ("true", "1", "yes")
+        elif target == "tls_ca_file":
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{what} ({name}): ca must be a PEM file path")
+            fields[target] = value
+            fields["tls"] = True
         else:
             fields[target] = _positive_int(value, f"{what} ({name}) max_in_flight")
     if role == "production" and "sample_rate" in fields and fields["sample_rate"] != 1.0:
@@ -362,7 +405,10 @@ def load_settings(
             "no production backend: pass --production NAME=HOST:PORT (or set it in --config)"
         )
     production_source = "--production" if "production" in overrides else "--config production"
-    production = _backend_from_config(production_entry, "production", production_source)
+    production = dataclasses.replace(
+        _backend_from_config(production_entry, "production", production_source),
+        source="flags" if "production" in overrides else "config",
+    )
 
     by_role: dict[str, dict[str, BackendSettings]] = {}
     taken = {production.name: "production"}
@@ -372,7 +418,9 @@ def load_settings(
         if not isinstance(from_file, list):
             raise ConfigError(f"--config: '{key}' must be a list")
         for entry in from_file:
-            backend = _backend_from_config(entry, role, f"--config {key}")
+            backend = dataclasses.replace(
+                _backend_from_config(entry, role, f"--config {key}"), source="config"
+            )
             if backend.name in backends:
                 raise ConfigError(f"--config: duplicate backend name {backend.name!r}")
             backends[backend.name] = backend
@@ -463,7 +511,60 @@ def load_settings(
         values["metrics_port"] = int(port)
     if "metrics_host" in merged:
         values["metrics_host"] = str(merged["metrics_host"])
+    _admin_values(merged, values, environ)
     return Settings(**values)
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _admin_values(
+    merged: Mapping[str, Any], values: dict[str, Any], environ: Mapping[str, str]
+) -> None:
+    """Admin address, token, state file, workers and TLS, with the start-up safety checks."""
+    admin = merged.get("admin_listen", "127.0.0.1:50052")
+    if admin is None or str(admin).strip().lower() in ("", "off", "none"):
+        values["admin_listen"] = None
+    else:
+        values["admin_listen"] = validate_address(
+            str(admin), "--admin-listen", allow_port_zero=True
+        )
+    token = merged.get("admin_token") or environ.get("SHADOW_PROXY_ADMIN_TOKEN") or None
+    values["admin_token"] = str(token) if token else None
+    if values["admin_listen"] and not _is_loopback(values["admin_listen"]) and not token:
+        raise ConfigError(
+            f"--admin-listen {values['admin_listen']} is not a loopback address: anyone who can "
+            "reach it could change the backends; set --admin-token (or SHADOW_PROXY_ADMIN_TOKEN)"
+        )
+    if merged.get("state_file"):
+        values["state_file"] = Path(str(merged["state_file"]))
+    if "state_poll_interval" in merged:
+        values["state_poll_interval"] = parse_duration(
+            merged["state_poll_interval"], "--state-poll-interval"
+        )
+    if "workers" in merged:
+        values["workers"] = _positive_int(merged["workers"], "--workers")
+    if merged.get("reuse_port"):
+        values["reuse_port"] = True
+    for key in ("tls_cert", "tls_key", "tls_client_ca"):
+        if merged.get(key):
+            path = Path(str(merged[key]))
+            if not path.is_file():
+                raise ConfigError(f"--{key.replace('_', '-')}: no such file {path}")
+            values[key] = path
+    if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if values.get("tls_client_ca") and not values.get("tls_cert"):
+        raise ConfigError(
+            "--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)"
+        )
 
 
 __all__ = [

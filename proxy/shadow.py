@@ -7,52 +7,19 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 from grpc import aio
 
 from proxy.records import BackendOutcome, Metadata, ProductionView, TraceContext
+from proxy.registry import Backend, BackendStats, Registry
 from proxy.sampling import should_shadow
-from proxy.upstream import Upstream, came_from_backend
+from proxy.upstream import came_from_backend
 
 log = logging.getLogger(__name__)
 
 SHADOW_MARKER = ("x-shadow", "true")
-
-
-@dataclass(slots=True)
-class ShadowStats:
-    """Counters for one shadow backend, read by logs, the demo and tests."""
-
-    sent: int = 0
-    ok: int = 0
-    failed: int = 0
-    timed_out: int = 0
-    dropped: int = 0
-    """Copies not sent because the shadow already had max_in_flight calls in flight."""
-    sampled_out: int = 0
-    cancelled: int = 0
-    """Calls still in flight when the shutdown grace ran out."""
-    errors_by_code: dict[str, int] = field(default_factory=dict)
-    by_code: dict[str, int] = field(default_factory=dict)
-    """Calls by the status the backend gave (OK included), for metrics."""
-
-    def summary(self) -> str:
-        return (
-            f"sent={self.sent} ok={self.ok} failed={self.failed} timed_out={self.timed_out} "
-            f"dropped={self.dropped} sampled_out={self.sampled_out} cancelled={self.cancelled}"
-        )
-
-
-class _Shadow:
-    __slots__ = ("backend", "in_flight", "stats", "upstream")
-
-    def __init__(self, upstream: Upstream) -> None:
-        self.upstream = upstream
-        self.backend = upstream.backend
-        self.in_flight = 0
-        self.stats = ShadowStats()
 
 
 @dataclass(slots=True, frozen=True)
@@ -62,6 +29,7 @@ class ShadowDecision:
     sent: tuple[str, ...] = ()
     dropped: tuple[str, ...] = ()
     sampled_out: tuple[str, ...] = ()
+    unhealthy: tuple[str, ...] = ()
 
 
 NO_SHADOWS = ShadowDecision()
@@ -74,24 +42,23 @@ class ShadowWriter:
     deadline, so it outlives the client call, and nothing it does can raise into the request.
     """
 
-    def __init__(
-        self, upstreams: Sequence[Upstream], record: Callable[[BackendOutcome], None]
-    ) -> None:
-        self._shadows = [_Shadow(upstream) for upstream in upstreams]
-        self.has_copies = bool(self._shadows)
+    def __init__(self, registry: Registry, record: Callable[[BackendOutcome], None]) -> None:
+        self._registry = registry
         self._record = record
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
 
     @property
-    def stats(self) -> dict[str, ShadowStats]:
-        return {shadow.backend.name: shadow.stats for shadow in self._shadows}
+    def stats(self) -> dict[str, BackendStats]:
+        """Counters of every backend now registered, production's included."""
+        return {backend.name: backend.stats for backend in self._registry.backends()}
 
     def in_flight(self) -> dict[str, int]:
-        return {shadow.backend.name: shadow.in_flight for shadow in self._shadows}
+        return {backend.name: backend.in_flight for backend in self._registry.snapshot.copies}
 
     def send(
         self,
+        copies: Sequence[Backend],
         method: str,
         request: bytes,
         metadata: Metadata,
@@ -99,17 +66,21 @@ class ShadowWriter:
         trace: TraceContext,
         production: asyncio.Future[ProductionView] | None = None,
     ) -> ShadowDecision:
-        """Start a copy of the request to every shadow that samples it and has room."""
-        if not self._shadows:
-            return NO_SHADOWS
+        """Start a copy of the request to every shadow that samples it, is healthy and has
+        room; ``copies`` are the shadows and references of the call's registry snapshot."""
         sent: list[str] = []
         dropped: list[str] = []
         sampled_out: list[str] = []
-        for shadow in self._shadows:
-            backend = shadow.backend
+        unhealthy: list[str] = []
+        for shadow in copies:
+            backend = shadow.settings
             if not should_shadow(request_id, backend.sample_rate):
                 shadow.stats.sampled_out += 1
                 sampled_out.append(backend.name)
+                continue
+            if not shadow.serving:
+                shadow.stats.unhealthy_skipped += 1
+                unhealthy.append(backend.name)
                 continue
             if shadow.in_flight >= backend.max_in_flight or self._closing:
                 # Shed shadow load, never production load: the copy is dropped, not queued.
@@ -124,11 +95,11 @@ class ShadowWriter:
             )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return ShadowDecision(tuple(sent), tuple(dropped), tuple(sampled_out))
+        return ShadowDecision(tuple(sent), tuple(dropped), tuple(sampled_out), tuple(unhealthy))
 
     async def _call(
         self,
-        shadow: _Shadow,
+        shadow: Backend,
         method: str,
         request: bytes,
         metadata: Metadata,
@@ -144,7 +115,7 @@ class ShadowWriter:
         from_backend = True
         try:
             call = shadow.upstream.method(method)(
-                request, timeout=shadow.backend.timeout, metadata=outgoing
+                request, timeout=shadow.settings.timeout, metadata=outgoing
             )
             reply = await call
             code, details = grpc.StatusCode.OK, ""
@@ -157,23 +128,13 @@ class ShadowWriter:
             code, details = grpc.StatusCode.CANCELLED, "shadow call cancelled: proxy shutting down"
             from_backend = False
         except Exception as exc:  # a shadow must never take the proxy down
-            log.exception("shadow %s: unexpected error", shadow.backend.name)
+            log.exception("shadow %s: unexpected error", shadow.name)
             code, details = grpc.StatusCode.INTERNAL, f"proxy error: {exc}"
             from_backend = False
         finally:
             shadow.in_flight -= 1
         end_ns = time.time_ns()
-        stats = shadow.stats
-        stats.by_code[code.name] = stats.by_code.get(code.name, 0) + 1
-        if code is grpc.StatusCode.OK:
-            stats.ok += 1
-        elif code is grpc.StatusCode.CANCELLED and not from_backend:
-            stats.cancelled += 1
-        else:
-            stats.failed += 1
-            if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-                stats.timed_out += 1
-            stats.errors_by_code[code.name] = stats.errors_by_code.get(code.name, 0) + 1
+        shadow.stats.count(code, cancelled_by_proxy=not from_backend)
         view: ProductionView | None = None
         if production is not None:
             try:
@@ -184,9 +145,9 @@ class ShadowWriter:
                 view = None
         self._record(
             BackendOutcome(
-                role=shadow.backend.role,
-                name=shadow.backend.name,
-                address=shadow.backend.address,
+                role=shadow.role,
+                name=shadow.name,
+                address=shadow.settings.address,
                 method=method,
                 request_id=request_id,
                 trace=trace,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 from grpc import aio
 
+from proxy.errors import ConfigError
 from proxy.settings import BackendSettings
 
 # A client could send calls to endless made-up method names; keep a bounded cache of stubs.
@@ -25,9 +26,12 @@ class Upstream:
     def __init__(self, backend: BackendSettings, *, max_message_bytes: int) -> None:
         self.backend = backend
         self.host, self.port = _split_address(backend.address)
-        self.channel = aio.insecure_channel(
-            backend.address, options=channel_options(max_message_bytes)
-        )
+        options = channel_options(max_message_bytes)
+        if backend.tls:
+            credentials = grpc.ssl_channel_credentials(root_certificates=_read_ca(backend))
+            self.channel = aio.secure_channel(backend.address, credentials, options=options)
+        else:
+            self.channel = aio.insecure_channel(backend.address, options=options)
         self._methods: dict[str, aio.UnaryUnaryMultiCallable] = {}
 
     def method(self, path: str) -> aio.UnaryUnaryMultiCallable:
@@ -77,6 +81,18 @@ def came_from_backend(error: grpc.aio.AioRpcError) -> bool:
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
         return "message larger than max" not in details
     return True
+
+
+def _read_ca(backend: BackendSettings) -> bytes | None:
+    if not backend.tls_ca_file:
+        return None  # gRPC's default roots
+    try:
+        with open(backend.tls_ca_file, "rb") as ca:
+            return ca.read()
+    except OSError as exc:
+        raise ConfigError(
+            f"backend {backend.name!r}: cannot read CA file {backend.tls_ca_file}: {exc.strerror or exc}"
+        ) from None
 
 
 def _split_address(address: str) -> tuple[str, int]:

@@ -658,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
             exporter = [] if chosen else ["--exporter", "file"]
             proxy = _start(
                 "proxy",
-                ["proxy", "serve", "--listen", "127.0.0.1:0",
+                ["proxy", "serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
                  "--production", f"production={production.address}",
                  "--shadow", f"candidate={shadow.address},sample=1.0",
                  *exporter, "--traces-file", str(traces), *args.proxy_args],

@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         proxy, proxy_ready = _start(
             "proxy",
-            ["proxy", "serve", "--listen", "127.0.0.1:0",
+            ["proxy", "serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
              "--production", f"production={production_address}",
              "--shadow", f"candidate={candidate_address}",
              "--reference", f"reference={reference_address}",

@@ -39,6 +39,7 @@ def proxy_settings(production: str, shadows: Sequence[str] = (), **overrides: An
             "shadows": list(shadows),
             "exporters": "none",
             "shutdown_grace": 2.0,
+            "admin_listen": "off",
             "shadow_grace": 1.0,
             **overrides,
         },

@@ -153,7 +153,7 @@ def test_a_bad_configuration_exits_2_with_one_line_and_starts_nothing(
     ready = tmp_path / "ready"
     args = make_args(tmp_path)
     if "--listen" not in args:
-        args = [*args, "--listen", "127.0.0.1:0"]
+        args = [*args, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
     before = sorted(tmp_path.iterdir())
 
     result = _run([*PROXY, "serve", *args, "--ready-file", str(ready)], tmp_path)
@@ -188,7 +188,7 @@ def test_a_config_value_of_the_wrong_type_exits_2_with_one_line(
 
     result = _run(
         [*PROXY, "serve", "--config", str(config), "--listen", "127.0.0.1:0",
-         "--ready-file", str(ready)],
+         "--admin-listen", "127.0.0.1:0", "--ready-file", str(ready)],
         tmp_path,
     )  # fmt: skip
 
@@ -214,7 +214,7 @@ async def proxy_process(tmp_path: Path) -> AsyncIterator[ProxyProcess]:
         log_path = tmp_path / "proxy.log"
         with log_path.open("wb") as log:
             process = await asyncio.create_subprocess_exec(
-                *PROXY, "serve", "--ready-file", str(ready), *args,
+                *PROXY, "serve", "--ready-file", str(ready), "--admin-listen", "127.0.0.1:0", *args,
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 cwd=tmp_path, env=_environment(),
             )  # fmt: skip
@@ -253,7 +253,7 @@ async def test_a_second_proxy_on_a_taken_port_fails_clearly(
 
     process = await asyncio.create_subprocess_exec(
         *PROXY, "serve", "--listen", first.address, "--production", f"prod={production.address}",
-        "--exporter", "none", "--ready-file", str(ready),
+        "--admin-listen", "127.0.0.1:0", "--exporter", "none", "--ready-file", str(ready),
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         cwd=tmp_path, env=_environment(),
     )  # fmt: skip

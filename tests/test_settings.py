@@ -120,7 +120,7 @@ def test_malformed_shadow_spec_is_rejected_naming_the_flag(spec: str, expected: 
 def test_unknown_backend_option_lists_the_known_ones() -> None:
     with pytest.raises(ConfigError) as excinfo:
         parse_backend_spec("candidate=host:1,weight=2", "shadow")
-    assert "known: max_in_flight, sample, timeout" in _message(excinfo)
+    assert "known: ca, max_in_flight, sample, timeout, tls" in _message(excinfo)
 
 
 def test_config_backend_mapping_without_an_address_is_rejected() -> None:

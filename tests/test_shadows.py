@@ -56,11 +56,30 @@ async def test_bad_shadow_leaves_production_reply_and_latency_unchanged(
     assert max(latencies) < 0.5, latencies
     assert statistics.median(latencies) < 0.1, latencies
     stats = proxy.shadows.stats["cand"]
+    if shadow_kind == "is down":
+        # The health check found it down at start: copies are skipped and counted, not sent.
+        assert (stats.sent, stats.unhealthy_skipped) == (0, 18)
+        return
     assert stats.sent == 18
     if shadow_kind == "returns errors":
         await wait_for(lambda: stats.failed == 18)
-    if shadow_kind == "is down":
-        await wait_for(lambda: stats.failed == 18)
+
+
+async def test_shadow_that_dies_unnoticed_fails_without_touching_production(
+    backends, make_proxy, channel_to
+):
+    production = await backends(Behaviour(delay=PRODUCTION_DELAY))
+    shadow = await backends()
+    # Health checked only at start: the shadow dies between checks.
+    proxy, _ = await make_proxy(
+        f"prod={production.address}", [f"cand={shadow.address}"], health_interval=60
+    )
+    await shadow.stop()
+    latencies = await _latencies(channel_to(proxy.address), 10, "dead")
+    assert max(latencies) < 0.5, latencies
+    stats = proxy.shadows.stats["cand"]
+    await wait_for(lambda: stats.failed == 10)
+    assert stats.errors_by_code == {"UNAVAILABLE": 10}
 
 
 async def test_shadow_starts_with_production_not_after(backends, make_proxy, channel_to):

@@ -59,7 +59,7 @@ def _reply_with(label: int):
 async def _call_and_collect(proxy, spans, channel, request, metadata=()):
     call = channel.unary_unary(PREDICT)(request, metadata=metadata)
     await call
-    await wait_for(lambda: proxy.shadows.in_flight() == dict.fromkeys(proxy.shadows.stats, 0))
+    await wait_for(lambda: not any(proxy.shadows.in_flight().values()))
     assert proxy.recorder.flush()
     return spans.get_finished_spans()
 
@@ -182,11 +182,11 @@ async def test_incoming_traceparent_is_continued(backends, make_proxy, channel_t
     assert sent["tracestate"] == "vendor=abc"
 
 
-async def test_production_errors_and_unreachable_are_recorded(backends, make_proxy, channel_to):
-    dead = await backends()
-    address = dead.address
-    await dead.stop()
-    proxy, spans = await make_proxy(f"prod={address}")
+async def test_production_unreachable_is_recorded(backends, make_proxy, channel_to):
+    production = await backends()
+    # Health checked only at start: production dies between checks, so the call is tried.
+    proxy, spans = await make_proxy(f"prod={production.address}", health_interval=60)
+    await production.stop()
     with pytest.raises(aio.AioRpcError):
         await channel_to(proxy.address).unary_unary("/m.S/M")(b"x", timeout=5)
     assert proxy.recorder.flush()
@@ -196,6 +196,21 @@ async def test_production_errors_and_unreachable_are_recorded(backends, make_pro
     production_span = by_kind[SpanKind.CLIENT]
     assert production_span.attributes["shadow.status_from_backend"] is False
     assert "production backend 'prod'" in by_kind[SpanKind.SERVER].status.description
+
+
+async def test_production_known_down_fails_fast_and_is_recorded(backends, make_proxy, channel_to):
+    dead = await backends()
+    address = dead.address
+    await dead.stop()
+    proxy, spans = await make_proxy(f"prod={address}")
+    with pytest.raises(aio.AioRpcError) as info:
+        await channel_to(proxy.address).unary_unary("/m.S/M")(b"x", timeout=5)
+    assert "production backend 'prod'" in info.value.details()
+    assert "is not serving" in info.value.details()
+    assert proxy.recorder.flush()
+    (span,) = spans.get_finished_spans()  # no backend was called
+    assert span.kind is SpanKind.SERVER
+    assert span.attributes["rpc.grpc.status_code"] == 14
 
 
 async def test_no_payloads_when_turned_off(backends, make_proxy, channel_to):
