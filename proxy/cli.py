@@ -259,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     from proxy.compare.report import add_report_parser
 
     add_report_parser(sub)
+    from proxy.admin_cli import add_backends_parser
+
+    add_backends_parser(sub)
     merge = sub.add_parser(
         "merge-traces",
         help="turn a traces file into one JSON document for the Jaeger UI's upload",
@@ -366,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         except KeyboardInterrupt:
             return 130
+    if args.command == "backends":
+        from proxy.admin_cli import run_backends
+
+        return run_backends(args)
     if args.command == "report":
         from proxy.compare.report import run_report
 

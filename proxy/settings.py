@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -565,6 +566,27 @@ def _admin_values(
         raise ConfigError(
             "--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)"
         )
+    _check_tls_files(values.get("tls_cert"), values.get("tls_key"), values.get("tls_client_ca"))
+
+
+def _check_tls_files(cert: Path | None, key: Path | None, client_ca: Path | None) -> None:
+    """Fail at start with a message naming the files, not later with gRPC's "cannot bind"."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    if cert is not None and key is not None:
+        try:
+            context.load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                f"--tls-cert/--tls-key: {cert} and {key} are not a PEM certificate chain and its "
+                f"private key ({exc.__class__.__name__}: {exc})"
+            ) from None
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                f"--tls-client-ca: {client_ca} holds no PEM CA certificate ({exc})"
+            ) from None
 
 
 __all__ = [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+
 import grpc
 from grpc import aio
 
@@ -88,11 +90,18 @@ def _read_ca(backend: BackendSettings) -> bytes | None:
         return None  # gRPC's default roots
     try:
         with open(backend.tls_ca_file, "rb") as ca:
-            return ca.read()
+            data = ca.read()
     except OSError as exc:
         raise ConfigError(
             f"backend {backend.name!r}: cannot read CA file {backend.tls_ca_file}: {exc.strerror or exc}"
         ) from None
+    try:
+        ssl.create_default_context().load_verify_locations(cadata=data.decode("ascii", "replace"))
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(
+            f"backend {backend.name!r}: {backend.tls_ca_file} holds no PEM CA certificate ({exc})"
+        ) from None
+    return data
 
 
 def _split_address(address: str) -> tuple[str, int]:
