@@ -291,7 +291,7 @@ class ProxyServer:
         except ConfigError as exc:
             log.error("SIGHUP: config not reloaded: %s", exc)
             return
-        self._base = base
+        previous, self._base = self._base, base
         try:
             if self.state is None:
                 self._resync()
@@ -299,6 +299,8 @@ class ProxyServer:
                 with self.state.locked():
                     self._resync()
         except RegistryError as exc:
+            # The running backends stay, and so does the config they came from.
+            self._base = previous
             log.error("SIGHUP: config not applied: %s", exc.message)
             return
         log.info(
