@@ -13,7 +13,19 @@ from pathlib import Path
 from typing import NoReturn
 
 from model_servers.models import FAMILY, FEATURE_COUNT, MODELS
-from model_servers.server import ModelServerOptions, parse_listen, start_model_server
+from model_servers.server import (
+    REGISTER_TIMEOUT_S,
+    ModelServerOptions,
+    ProxyRegistration,
+    RegistrationError,
+    deregister_from_proxy,
+    parse_listen,
+    register_with_proxy,
+    start_model_server,
+)
+from proxy.admin_cli import TOKEN_ENV
+from proxy.errors import ConfigError
+from proxy.settings import validate_address
 
 __all__ = ["DEFAULT_LISTEN", "STOP_GRACE_S", "build_parser", "main"]
 
@@ -107,8 +119,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--ready-file",
         metavar="PATH",
         type=Path,
-        help="once listening, atomically write the address to dial, HOST:PORT with the "
-        "port actually bound, to PATH (removed again on exit)",
+        help="once listening (and registered, with --register-with), atomically write the "
+        "address to dial, HOST:PORT with the port actually bound, to PATH (removed again "
+        "on exit)",
+    )
+    registration = parser.add_argument_group(
+        "registering with a shadow proxy",
+        "Once serving, register this server's address (loopback when it listens on a "
+        "wildcard) with a running shadow proxy through its admin API, and deregister it on "
+        "SIGTERM or SIGINT before stopping. If the proxy refuses the registration, or its "
+        f"admin service does not answer within {REGISTER_TIMEOUT_S:g} s, the server stops "
+        "and exits with status 1.",
+    )
+    registration.add_argument(
+        "--register-with",
+        metavar="HOST:PORT",
+        type=_admin_address,
+        help="the proxy's admin address (its --admin-listen, by default 127.0.0.1:50052)",
+    )
+    registration.add_argument(
+        "--as",
+        dest="register_as",
+        metavar="NAME",
+        help="the backend name to register under, unique in that proxy (needed with "
+        "--register-with)",
+    )
+    registration.add_argument(
+        "--role",
+        choices=["shadow", "reference"],
+        help="shadow: a candidate compared with production; reference: a second instance "
+        "of production's model, to measure noise (default: shadow)",
+    )
+    registration.add_argument(
+        "--sample",
+        metavar="RATE",
+        type=_rate,
+        help="fraction of requests, 0 to 1, the proxy copies to this server (default: 1)",
+    )
+    registration.add_argument(
+        "--admin-token",
+        metavar="TOKEN",
+        help=f"the proxy's admin token, when it has one (default: ${TOKEN_ENV})",
     )
     parser.add_argument(
         "--log-level",
@@ -137,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except ValueError as exc:
         parser.error(str(exc))
+    registration = _registration(parser, args)
     # --log-level applies to this package; libraries (asyncio, grpc) stay at WARNING,
     # since their DEBUG output would drown ours.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=f"{PROG}: %(message)s")
@@ -146,8 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ready_file is not None:
             # A stale file from an earlier run would hand a waiting supervisor the wrong port.
             ready_file.unlink(missing_ok=True)
-        return asyncio.run(_serve(options, ready_file))
-    except OSError as exc:  # BindError, or an unwritable --ready-file
+        return asyncio.run(_serve(options, ready_file, registration))
+    except (OSError, RegistrationError) as exc:  # BindError, an unwritable --ready-file
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -155,7 +207,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             ready_file.unlink(missing_ok=True)
 
 
-async def _serve(options: ModelServerOptions, ready_file: Path | None) -> int:
+def _registration(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> ProxyRegistration | None:
+    if args.register_with is None:
+        given = [
+            flag
+            for flag, value in (
+                ("--as", args.register_as),
+                ("--role", args.role),
+                ("--sample", args.sample),
+                ("--admin-token", args.admin_token),
+            )
+            if value is not None
+        ]
+        if given:
+            parser.error(f"{', '.join(given)}: only with --register-with HOST:PORT")
+        return None
+    if not args.register_as:
+        parser.error("--register-with needs --as NAME, the name to register under")
+    return ProxyRegistration(
+        admin=args.register_with,
+        name=args.register_as,
+        role=args.role or "shadow",
+        sample_rate=args.sample,
+        token=args.admin_token or os.environ.get(TOKEN_ENV) or None,
+    )
+
+
+async def _serve(
+    options: ModelServerOptions,
+    ready_file: Path | None,
+    registration: ProxyRegistration | None = None,
+) -> int:
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     signals: list[str] = []
@@ -168,13 +252,25 @@ async def _serve(options: ModelServerOptions, ready_file: Path | None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, request_stop, signum)
     running = await start_model_server(options)
+    registered = False
     try:
+        logger.info("serving %s", running.describe())
+        if registration is not None:
+            # Raises RegistrationError: the finally below stops serving, main exits 1.
+            await register_with_proxy(running, registration)
+            registered = True
+        # Ready means registered too: a supervisor may count on the proxy knowing us.
         if ready_file is not None:
             _write_atomically(ready_file, f"{running.address}\n")
-        logger.info("serving %s", running.describe())
         await stop_requested.wait()
         logger.info("%s received, stopping (grace %g s)", signals[0], STOP_GRACE_S)
     finally:
+        if registration is not None and registered:
+            # Before stopping: the proxy stops sending copies while we can still answer.
+            try:
+                await deregister_from_proxy(registration)
+            except RegistrationError as exc:
+                logger.warning("%s", exc)
         await running.stop(grace=STOP_GRACE_S)
     logger.info("stopped; %d Predict calls received", running.calls)
     return 0
@@ -193,6 +289,13 @@ def _listen_address(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def _admin_address(text: str) -> str:
+    try:
+        return validate_address(text, "address")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("address: ")) from None
 
 
 def _non_negative_float(text: str) -> float:

@@ -16,16 +16,22 @@ from grpc_reflection.v1alpha import reflection
 
 from model_servers.models import FAMILY, MODELS, ModelSpec, fitted_model
 from model_servers.predictor import InvalidRequest, Predictor, RequestError, UnknownModel
+from proxy.admin_cli import AdminClient, AdminError, AdminTarget, backend_spec
 from proxy.gen import predict_pb2
 
 __all__ = [
     "PREDICTION_SERVICE",
     "RECEIVED_MAXLEN",
+    "REGISTER_TIMEOUT_S",
     "BindError",
     "ModelServerOptions",
+    "ProxyRegistration",
     "ReceivedCall",
+    "RegistrationError",
     "RunningModelServer",
+    "deregister_from_proxy",
     "parse_listen",
+    "register_with_proxy",
     "start_model_server",
 ]
 
@@ -36,6 +42,11 @@ PREDICTION_SERVICE: str = predict_pb2.DESCRIPTOR.services_by_name["PredictionSer
 
 RECEIVED_MAXLEN = 10_000
 """How many calls RunningModelServer.received remembers; older ones are dropped."""
+
+REGISTER_TIMEOUT_S = 10.0
+"""How long registering with a proxy may take, waiting for its admin service to come up."""
+DEREGISTER_TIMEOUT_S = 5.0
+"""How long deregistering at shutdown may take; the proxy may be gone already."""
 
 # Each error class maps to one status code, here at the edge and nowhere else.
 _STATUS_OF: dict[type[RequestError], grpc.StatusCode] = {
@@ -49,6 +60,10 @@ _DIALABLE_HOST = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
 class BindError(OSError):
     """The server could not listen on the requested address (for example, port in use)."""
+
+
+class RegistrationError(Exception):
+    """A shadow proxy's admin service refused the registration, or could not be reached."""
 
 
 @dataclass(frozen=True)
@@ -268,3 +283,71 @@ def _fault_summary(options: ModelServerOptions) -> str:
     if options.hang:
         faults.append("hanging every call")
     return f" [injecting {', '.join(faults)}]" if faults else ""
+
+
+# ------------------------------------------------------------------ registering with a proxy
+
+
+@dataclass(frozen=True)
+class ProxyRegistration:
+    """How a model server registers itself with a shadow proxy's admin service."""
+
+    admin: str
+    """HOST:PORT of the proxy's admin service (its --admin-listen)."""
+    name: str
+    """The backend name to register under; unique in that proxy."""
+    role: str = "shadow"
+    """``shadow`` (a candidate) or ``reference`` (a second instance of production's model)."""
+    sample_rate: float | None = None
+    """Fraction of requests the proxy copies to this server; None takes the proxy's default."""
+    token: str | None = None
+    """The proxy's admin token, when it has one."""
+
+
+def _target(registration: ProxyRegistration, timeout: float) -> AdminTarget:
+    return AdminTarget(address=registration.admin, token=registration.token, timeout=timeout)
+
+
+async def register_with_proxy(running: RunningModelServer, registration: ProxyRegistration) -> None:
+    """Register ``running.address`` with the proxy; raises RegistrationError if refused.
+
+    Waits up to REGISTER_TIMEOUT_S for the admin service, so the proxy may start later.
+    """
+    spec = backend_spec(
+        registration.name,
+        running.address,
+        role=registration.role,
+        sample_rate=registration.sample_rate,
+    )
+    target = _target(registration, REGISTER_TIMEOUT_S)
+    try:
+        async with AdminClient(target, wait_for_ready=True) as admin:
+            await admin.register(spec)
+    except AdminError as exc:
+        waited = "" if exc.reached else f" (waited up to {REGISTER_TIMEOUT_S:g} s)"
+        raise RegistrationError(
+            f"cannot register as {registration.role} {registration.name!r} ({running.address}) "
+            f"with the shadow proxy's admin service at {registration.admin}{waited}: {exc}"
+        ) from None
+    logger.info(
+        "registered with the shadow proxy at %s as %s %r (%s)",
+        registration.admin,
+        registration.role,
+        registration.name,
+        running.address,
+    )
+
+
+async def deregister_from_proxy(registration: ProxyRegistration) -> None:
+    """Remove this server from the proxy's backends; raises RegistrationError if refused."""
+    try:
+        async with AdminClient(_target(registration, DEREGISTER_TIMEOUT_S)) as admin:
+            await admin.deregister(registration.name)
+    except AdminError as exc:
+        raise RegistrationError(
+            f"cannot deregister {registration.name!r} from the shadow proxy's admin service "
+            f"at {registration.admin}: {exc}"
+        ) from None
+    logger.info(
+        "deregistered %r from the shadow proxy at %s", registration.name, registration.admin
+    )

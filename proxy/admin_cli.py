@@ -637,14 +637,16 @@ async def _run_action(args: argparse.Namespace, client: AdminClient) -> None:
                 tls_ca_file=args.ca,
             )
         )
-        print(
-            json.dumps(status_to_dict(status), indent=2)
-            if as_json
-            else f"added {_describe(status)}"
-        )
+        if as_json:
+            _print_json(status_to_dict(status))
+        else:
+            print(f"added {_describe(status)}")
     elif command == "remove":
         await client.deregister(args.name)
-        print(json.dumps({"removed": args.name}) if as_json else f"removed {args.name!r}")
+        if as_json:
+            _print_json({"removed": args.name})
+        else:
+            print(f"removed {args.name!r}")
     elif command == "update":
         status = await client.update(
             args.name,
@@ -652,11 +654,10 @@ async def _run_action(args: argparse.Namespace, client: AdminClient) -> None:
             timeout=args.backend_timeout,
             max_in_flight=args.max_in_flight,
         )
-        print(
-            json.dumps(status_to_dict(status), indent=2)
-            if as_json
-            else f"updated {_describe(status)}"
-        )
+        if as_json:
+            _print_json(status_to_dict(status))
+        else:
+            print(f"updated {_describe(status)}")
     elif command == "promote":
         response = await client.promote(args.name, remove_old=args.remove_old)
         previous = status_to_dict(response.previous) if response.HasField("previous") else None
@@ -695,14 +696,14 @@ def run_backends(args: argparse.Namespace, environ: Mapping[str, str] = os.envir
         if exc.reached:
             _error(str(exc))
             return EXIT_REFUSED
-        _error(_not_reached(exc, origin, mutating=args.backends_command != "list"))
+        _error(_not_reached(exc, target, origin, mutating=args.backends_command != "list"))
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
     return 0
 
 
-def _not_reached(exc: AdminError, origin: str, *, mutating: bool) -> str:
+def _not_reached(exc: AdminError, target: AdminTarget, origin: str, *, mutating: bool) -> str:
     where = f"the admin service at {exc.address} (from {origin})"
     if exc.code is grpc.StatusCode.UNIMPLEMENTED:
         return (
@@ -711,5 +712,8 @@ def _not_reached(exc: AdminError, origin: str, *, mutating: bool) -> str:
         )
     if exc.code is grpc.StatusCode.DEADLINE_EXCEEDED:
         maybe = "; the change may still have been made, see 'backends list'" if mutating else ""
-        return f"{exc.code.name}: no answer from {where} in time{maybe} ({exc.details})"
+        return (
+            f"{exc.code.name}: no answer from {where} within {target.timeout:g}s{maybe} "
+            f"({exc.details})"
+        )
     return f"{exc.code.name}: cannot reach {where}: {exc.details}"

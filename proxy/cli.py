@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# gRPC core logs TLS handshake failures and the like itself, before our one-line error;
+# read when grpc is first imported, so set before anything imports it.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import argparse
 import asyncio
 import logging

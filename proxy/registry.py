@@ -327,7 +327,10 @@ def with_promotion(
     desired: list[BackendSettings] = []
     for settings in current:
         if settings.name == name:
-            desired.insert(0, dataclasses.replace(settings, role="production", sample_rate=1.0))
+            # Production is bounded by its clients' deadlines, not by a shadow's timeout.
+            desired.insert(
+                0, dataclasses.replace(settings, role="production", sample_rate=1.0, timeout=None)
+            )
         elif settings.role == "production":
             if not remove_old:
                 timeout = settings.timeout or DEFAULT_SHADOW_TIMEOUT

@@ -43,6 +43,8 @@ _OWN_SERVICES = (
     f"/{reflection.SERVICE_NAME}/",
     "/grpc.reflection.v1.ServerReflection/",
     f"/{FEEDBACK_SERVICE}/",
+    # Never forwarded: an admin call sent to the wrong port must not carry its token on.
+    f"/{ADMIN_SERVICE}/",
 )
 _MAX_CACHED_HANDLERS = 1024
 

@@ -324,3 +324,26 @@ def test_replay_applies_changes_in_order_and_skips_what_no_longer_applies():
     with pytest.raises(RegistryError) as info:
         apply_change(result, {"op": "teleport"})
     assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_admin_calls_on_the_main_port_are_not_forwarded(backends, make_proxy, channel_to):
+    production = await backends()
+    proxy, _, _ = await _admin(make_proxy, channel_to, production, admin_token="s3cret")
+    wrong_port = admin_pb2_grpc.ProxyAdminStub(channel_to(proxy.address))
+    with pytest.raises(aio.AioRpcError) as info:
+        await wrong_port.ListBackends(
+            admin_pb2.ListBackendsRequest(), metadata=(("authorization", "Bearer s3cret"),)
+        )
+    assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    assert production.received == []  # the token never left the proxy
+
+
+async def test_a_promoted_shadow_drops_its_shadow_timeout(backends, make_proxy, channel_to):
+    old = await backends()
+    new = await backends(Behaviour(delay=0.3))
+    proxy, _, stub = await _admin(make_proxy, channel_to, old, [f"new={new.address},timeout=100ms"])
+    reply = await stub.Promote(admin_pb2.PromoteRequest(name="new"))
+    assert not reply.production.spec.HasField("timeout_seconds")
+    assert reply.previous.spec.timeout_seconds == 5.0
+    # A 0.3 s production answer is not cut by the 100 ms it had as a shadow.
+    assert await channel_to(proxy.address).unary_unary("/m.S/M")(b"x", timeout=5) == b"x"
