@@ -133,12 +133,12 @@ class Telemetry:
 
 def _exporter(name: str, settings: Settings) -> SpanExporter:
     if name == "file":
-        from opentelemetry.exporter.otlp.json.file import FileSpanExporter
+        from proxy.otlp_json import JsonLinesSpanExporter
 
         path = settings.traces_file
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            return FileSpanExporter(path)
+            return JsonLinesSpanExporter(path)
         except OSError as exc:
             raise ConfigError(f"--traces-file: cannot open {path}: {exc.strerror or exc}") from None
     if name == "otlp":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from typing import Any
 
 import grpc
@@ -317,3 +318,49 @@ def test_came_from_backend_tells_channel_statuses_apart(
     code: grpc.StatusCode, details: str, from_backend: bool
 ) -> None:
     assert came_from_backend(_error(code, details)) is from_backend
+
+
+def _random_message(rng: Any, response: bool) -> Any:
+    cls = predict_pb2.PredictResponse if response else predict_pb2.PredictRequest
+    message = cls(
+        model_name=rng.choice(["", "m", "ünï"]),
+        model_version=rng.choice(["", "2"]),
+        request_id=rng.choice(["", "r-1"]),
+    )
+    if rng.random() < 0.5:
+        message.parameters["threshold"] = "0.5"
+    tensors = message.outputs if response else message.inputs
+    specials = [math.nan, math.inf, -math.inf, 0.0, -0.0, 0.1, 1e-7, 3.4e38, 123456.789]
+    for index in range(rng.randint(0, 3)):
+        tensor = tensors.add(name=rng.choice(["", f"t{index}"]), dtype=rng.randint(0, 7))
+        tensor.shape.extend(rng.sample(range(1, 9), rng.randint(0, 2)))
+        if rng.random() < 0.8:
+            contents = tensor.contents
+            contents.SetInParent()
+            n = rng.randint(0, 4)
+            contents.fp32_contents.extend(rng.choice([*specials, rng.random()]) for _ in range(n))
+            contents.fp64_contents.extend(rng.choice([*specials, rng.random()]) for _ in range(n))
+            contents.int64_contents.extend(rng.randint(-(2**63), 2**63 - 1) for _ in range(n))
+            contents.int32_contents.extend(rng.randint(-(2**31), 2**31 - 1) for _ in range(n))
+            contents.bool_contents.extend(rng.random() < 0.5 for _ in range(n))
+            contents.bytes_contents.extend(rng.randbytes(rng.randint(0, 5)) for _ in range(n))
+    return message
+
+
+def test_fast_predict_conversion_equals_message_to_dict() -> None:
+    import random
+
+    from proxy.payloads import _predict_dict
+
+    rng = random.Random(7)
+    for _ in range(500):
+        message = _random_message(rng, response=rng.random() < 0.5)
+        expected = json_format.MessageToDict(message, preserving_proto_field_name=True)
+        assert _predict_dict(message) == expected, message
+    codec = PayloadCodec(max_bytes=1 << 20)
+    request = _random_message(rng, response=False)
+    request.inputs.add(name="x", dtype=predict_pb2.DATA_TYPE_FP32).contents.fp32_contents.append(
+        0.9
+    )
+    decoded = codec.decode(PREDICT, request.SerializeToString(), reply=False)
+    assert decoded == json_format.MessageToDict(request, preserving_proto_field_name=True)
