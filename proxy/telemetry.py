@@ -17,7 +17,6 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
-from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 
 from proxy.errors import ConfigError
 from proxy.settings import Settings
@@ -26,36 +25,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "shadow-proxy"
 _WARN_EVERY_S = 10.0
-
-
-class PresetIdGenerator(RandomIdGenerator):
-    """Lets the recorder give a span the ids already sent to the backends in ``traceparent``.
-
-    The ids are fixed on the request path (so each backend call carries its own span
-    context) but the span is made later, off that path; the recorder presets the ids just
-    before it starts the span. Without a preset, ids are random as usual.
-    """
-
-    def __init__(self) -> None:
-        self._next = threading.local()
-
-    def preset(self, trace_id: int, span_id: int) -> None:
-        self._next.trace_id = trace_id
-        self._next.span_id = span_id
-
-    def generate_span_id(self) -> int:
-        span_id = getattr(self._next, "span_id", None)
-        if span_id:
-            self._next.span_id = None
-            return int(span_id)
-        return super().generate_span_id()
-
-    def generate_trace_id(self) -> int:
-        trace_id = getattr(self._next, "trace_id", None)
-        if trace_id:
-            self._next.trace_id = None
-            return int(trace_id)
-        return super().generate_trace_id()
 
 
 class CountingSpanExporter(SpanExporter):
@@ -99,11 +68,12 @@ class CountingSpanExporter(SpanExporter):
 
 @dataclass
 class Telemetry:
-    """What the recorder needs: a tracer provider with preset-able ids, and the exporters."""
+    """What the recorder needs: the provider (resource, sampler), exporters and processors."""
 
     provider: TracerProvider | None
-    ids: PresetIdGenerator
     exporters: list[CountingSpanExporter] = field(default_factory=list)
+    processors: list[BatchSpanProcessor] = field(default_factory=list)
+    """One batch processor per exporter; the recorder hands them finished spans."""
 
     @property
     def enabled(self) -> bool:
@@ -175,7 +145,6 @@ def build_telemetry(
 ) -> Telemetry:
     """A tracer provider exporting to the settings' exporters, or to ``exporters`` when given
     (tests pass an in-memory exporter). Tracing is off when there are none."""
-    ids = PresetIdGenerator()
     named: list[CountingSpanExporter] = []
     if exporters is None:
         for name in settings.exporters:
@@ -183,12 +152,13 @@ def build_telemetry(
     else:
         named = [CountingSpanExporter(type(e).__name__, e) for e in exporters]
     if not named:
-        return Telemetry(None, ids, [])
+        return Telemetry(None, [])
     # Resource.create merges OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME over our default.
     resource = Resource.create({"service.name": SERVICE_NAME})
     if os.environ.get("OTEL_SERVICE_NAME"):
         resource = resource.merge(Resource({"service.name": os.environ["OTEL_SERVICE_NAME"]}))
-    provider = TracerProvider(resource=resource, id_generator=ids)
-    for exporter in named:
-        provider.add_span_processor(_batch_processor(exporter))
-    return Telemetry(provider, ids, named)
+    provider = TracerProvider(resource=resource)
+    processors = [_batch_processor(exporter) for exporter in named]
+    for processor in processors:
+        provider.add_span_processor(processor)
+    return Telemetry(provider, named, processors)

@@ -221,3 +221,20 @@ async def test_no_payloads_when_turned_off(backends, make_proxy, channel_to):
     finished = spans.get_finished_spans()
     assert len(finished) == 2
     assert all(not s.events for s in finished)
+
+
+async def test_the_sampler_is_honoured(backends, make_proxy, channel_to, monkeypatch):
+    production = await backends()
+    # The default sampler follows the client: an unsampled incoming trace records nothing.
+    proxy, spans = await make_proxy(f"prod={production.address}")
+    unsampled = (("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),)
+    await channel_to(proxy.address).unary_unary("/m.S/M")(b"x", metadata=unsampled)
+    await channel_to(proxy.address).unary_unary("/m.S/M")(b"y")
+    assert proxy.recorder.flush()
+    assert len(spans.get_finished_spans()) == 2  # the second call only: proxy + production
+    # OTEL_TRACES_SAMPLER keeps its standard meaning.
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    quiet, quiet_spans = await make_proxy(f"prod={production.address}")
+    await channel_to(quiet.address).unary_unary("/m.S/M")(b"z")
+    assert quiet.recorder.flush()
+    assert quiet_spans.get_finished_spans() == ()
