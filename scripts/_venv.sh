@@ -5,7 +5,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
 stamp="$VENV/.installed-from"
-want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+want="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/_venv.sh" | sha256sum | cut -d' ' -f1)"
 if [ ! -x "$PY" ]; then
   echo "[setup] creating $VENV" >&2
   python3 -m venv "$VENV"
@@ -13,6 +13,6 @@ fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing the project and its dev tools into .venv (once; a minute or two)" >&2
   "$PY" -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
-  "$PY" -m pip install --quiet --disable-pip-version-check -e "$ROOT[dev]" >&2
+  "$PY" -m pip install --quiet --disable-pip-version-check -e "$ROOT[dev,bench]" >&2
   echo "$want" > "$stamp"
 fi
