@@ -13,7 +13,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 from grpc import aio
@@ -73,11 +73,6 @@ class ProductionStats:
     errors: int = 0
     unreachable: int = 0
     cancelled: int = 0
-    by_code: dict[str, int] = field(default_factory=dict)
-    """Calls by the status production gave (OK included), for metrics."""
-
-    def count(self, code: grpc.StatusCode) -> None:
-        self.by_code[code.name] = self.by_code.get(code.name, 0) + 1
 
     def summary(self) -> str:
         return (
@@ -194,7 +189,6 @@ class FanOut:
         except asyncio.CancelledError:
             production.in_flight -= 1
             self.stats.cancelled += 1
-            self.stats.count(grpc.StatusCode.CANCELLED)
             production.stats.count(grpc.StatusCode.CANCELLED, cancelled_by_proxy=True)
             if answer is not None:
                 answer.set_result(
@@ -209,7 +203,6 @@ class FanOut:
             raise
         end_ns = time.time_ns()
         production.in_flight -= 1
-        self.stats.count(code)
         production.stats.count(code)
         if answer is not None:
             answer.set_result(ProductionView(code, body, end_ns - prod_start_ns))
@@ -252,7 +245,6 @@ class FanOut:
         self.stats.calls += 1
         self.stats.errors += 1
         self.stats.unreachable += 1
-        self.stats.count(grpc.StatusCode.UNAVAILABLE)
         details = f"production backend '{backend.name}' ({backend.address}) is not serving" + (
             f": {production.health_detail}" if production.health_detail else ""
         )
