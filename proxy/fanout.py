@@ -155,17 +155,15 @@ class FanOut:
         call = production.upstream.method(method)(request, timeout=timeout, metadata=production_md)
         prod_start_ns = time.time_ns()
         decision: ShadowDecision = NO_SHADOWS
-        # Shadows learn production's answer through this future, to compare with it later;
-        # only made when some backend gets copies.
-        answer: asyncio.Future[ProductionView] | None = None
         if snapshot.copies:
-            answer = asyncio.get_running_loop().create_future()
             try:
                 decision = self.shadows.send(
-                    snapshot.copies, method, request, tuple(forwarded), request_id, trace, answer
+                    snapshot.copies, method, request, tuple(forwarded), request_id, trace
                 )
             except Exception:  # shadowing must never cost a production call
                 log.exception("could not start shadow calls")
+        # The copies learn production's answer through this future, to compare with it.
+        answer = decision.production
         self.stats.calls += 1
         production.stats.sent += 1
         production.in_flight += 1

@@ -30,6 +30,9 @@ class ShadowDecision:
     dropped: tuple[str, ...] = ()
     sampled_out: tuple[str, ...] = ()
     unhealthy: tuple[str, ...] = ()
+    production: asyncio.Future[ProductionView] | None = None
+    """Where the caller puts production's answer for the copies to compare with; made only
+    when a copy was sent."""
 
 
 NO_SHADOWS = ShadowDecision()
@@ -64,7 +67,6 @@ class ShadowWriter:
         metadata: Metadata,
         request_id: str,
         trace: TraceContext,
-        production: asyncio.Future[ProductionView] | None = None,
     ) -> ShadowDecision:
         """Start a copy of the request to every shadow that samples it, is healthy and has
         room; ``copies`` are the shadows and references of the call's registry snapshot."""
@@ -72,6 +74,7 @@ class ShadowWriter:
         dropped: list[str] = []
         sampled_out: list[str] = []
         unhealthy: list[str] = []
+        production: asyncio.Future[ProductionView] | None = None
         for shadow in copies:
             backend = shadow.settings
             if not should_shadow(request_id, backend.sample_rate):
@@ -90,12 +93,16 @@ class ShadowWriter:
             shadow.in_flight += 1
             shadow.stats.sent += 1
             sent.append(backend.name)
+            if production is None:
+                production = asyncio.get_running_loop().create_future()
             task = asyncio.create_task(
                 self._call(shadow, method, request, metadata, request_id, trace, production)
             )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return ShadowDecision(tuple(sent), tuple(dropped), tuple(sampled_out), tuple(unhealthy))
+        return ShadowDecision(
+            tuple(sent), tuple(dropped), tuple(sampled_out), tuple(unhealthy), production
+        )
 
     async def _call(
         self,
