@@ -19,7 +19,7 @@ import grpc
 from grpc import aio
 
 from proxy.errors import BackendUnreachable, status_for_unreachable
-from proxy.gen import predict_pb2
+from proxy.protocols import codec_for
 from proxy.records import BackendOutcome, CallRecord, Metadata, ProductionView, TraceContext
 from proxy.registry import Backend, Registry
 from proxy.settings import BackendSettings
@@ -47,13 +47,6 @@ _NOT_FORWARDED = frozenset(
         "traceparent",
     }
 )
-# Requests of these methods carry a request id field the proxy may use when the client sent
-# no x-request-id; parsing a known request to read its id is the only decoding on the path.
-_REQUEST_ID_FIELDS: dict[str, Callable[[bytes], str]] = {
-    "/predict.v1.PredictionService/Predict": lambda body: (
-        predict_pb2.PredictRequest.FromString(body).request_id
-    ),
-}
 
 
 @dataclass(slots=True)
@@ -344,14 +337,10 @@ def _split_metadata(
 
 
 def _request_id_from_body(method: str, request: bytes) -> str:
-    reader = _REQUEST_ID_FIELDS.get(method)
-    if reader is None:
-        return ""
-    try:
-        return reader(request)
-    except Exception:
-        # An undecodable request still goes to production, which gives the client its error.
-        return ""
+    # Reading a known request's id field is the only decoding on the production path, and
+    # only when the client sent no x-request-id.
+    codec = codec_for(method)
+    return codec.request_id(request) if codec is not None else ""
 
 
 def _trace_context(traceparent: str | None, tracestate: str | None) -> TraceContext:

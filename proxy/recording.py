@@ -23,7 +23,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFl
 from opentelemetry.trace.status import Status, StatusCode
 
 from proxy import __version__
-from proxy.compare.pair import PREDICT_METHOD, compare_replies, decode_outputs, predicted_labels
+from proxy.compare.pair import compare_replies, decode_outputs, predicted_labels
 from proxy.metrics import ProxyMetrics
 from proxy.payloads import PayloadCodec, metadata_attributes
 from proxy.records import BackendOutcome, CallRecord, FeedbackRecord, TraceContext
@@ -270,8 +270,8 @@ class Recorder:
         """Predicted labels, and for shadows the comparison with production's reply."""
         attributes: dict[str, Any] = {}
         outputs = None
-        if outcome.method == PREDICT_METHOD and outcome.reply is not None:
-            outputs = decode_outputs(outcome.reply)
+        if outcome.reply is not None:
+            outputs = decode_outputs(outcome.reply, outcome.method)
             labels = predicted_labels(outputs)
             if labels is not None:
                 attributes["shadow.predicted_labels"] = labels

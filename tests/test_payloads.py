@@ -350,7 +350,7 @@ def _random_message(rng: Any, response: bool) -> Any:
 def test_fast_predict_conversion_equals_message_to_dict() -> None:
     import random
 
-    from proxy.payloads import _predict_dict
+    from proxy.protocols.predict_v1 import predict_dict as _predict_dict
 
     rng = random.Random(7)
     for _ in range(500):

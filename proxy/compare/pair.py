@@ -3,27 +3,27 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import numpy as np
 
-from proxy.gen import predict_pb2
-from proxy.tensors import TensorError, from_tensor
+from proxy.protocols import Outputs, codec_for
+from proxy.protocols.predict_v1 import PREDICT_METHOD
 
-PREDICT_METHOD = "/predict.v1.PredictionService/Predict"
+__all__ = [
+    "BYTES_MARKER",
+    "LABEL_OUTPUT",
+    "PREDICT_METHOD",
+    "Comparison",
+    "compare_replies",
+    "decode_outputs",
+    "predicted_labels",
+]
+
 LABEL_OUTPUT = "label"
 BYTES_MARKER = "<bytes>"
-_NUMERIC = frozenset(
-    {
-        predict_pb2.DATA_TYPE_FP32,
-        predict_pb2.DATA_TYPE_FP64,
-        predict_pb2.DATA_TYPE_INT64,
-        predict_pb2.DATA_TYPE_INT32,
-        predict_pb2.DATA_TYPE_BOOL,
-    }
-)
 
 
 @dataclass(slots=True)
@@ -59,26 +59,14 @@ class Comparison:
         return attributes
 
 
-@dataclass(slots=True)
-class _Outputs:
-    arrays: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)
-    numeric: frozenset[str] = frozenset()
+def decode_outputs(reply: bytes, method: str = PREDICT_METHOD) -> Outputs | None:
+    """A reply's outputs as arrays by name, or None when the method has no codec that
+    reads outputs or the bytes do not parse."""
+    codec = codec_for(method)
+    return codec.outputs(reply) if codec is not None else None
 
 
-def decode_outputs(reply: bytes) -> _Outputs | None:
-    """A PredictResponse's outputs as arrays by name, or None when it does not parse."""
-    try:
-        message = predict_pb2.PredictResponse.FromString(reply)
-        arrays = {tensor.name: from_tensor(tensor) for tensor in message.outputs}
-        numeric = frozenset(t.name for t in message.outputs if t.dtype in _NUMERIC)
-    except (TensorError, ValueError):
-        return None
-    except Exception:  # protobuf's DecodeError and friends: not a PredictResponse
-        return None
-    return _Outputs(arrays, numeric)
-
-
-def predicted_labels(outputs: _Outputs | None) -> tuple[str, ...] | None:
+def predicted_labels(outputs: Outputs | None) -> tuple[str, ...] | None:
     """The ``label`` output as strings (one per batch row), when the reply has one."""
     if outputs is None or LABEL_OUTPUT not in outputs.arrays:
         return None
@@ -94,30 +82,31 @@ def compare_replies(
     other_reply: bytes | None,
     tolerance: float,
     *,
-    production_outputs: _Outputs | None = None,
+    production_outputs: Outputs | None = None,
 ) -> Comparison:
     """Compare a backend's reply with production's.
 
-    ``predict.v1`` replies are compared output by output: numeric outputs within
-    ``tolerance`` (absolute), others exactly. Any other method is compared byte for byte.
+    Replies of a method with a codec (:mod:`proxy.protocols`) are compared output by
+    output: numeric outputs within ``tolerance`` (absolute), others exactly. Any other
+    method, or replies that do not decode, are compared byte for byte.
     """
     production_ok = production_code is grpc.StatusCode.OK
     other_ok = other_code is grpc.StatusCode.OK
     mismatch = production_ok != other_ok
     if not (production_ok and other_ok) or production_reply is None or other_reply is None:
         return Comparison(status_mismatch=mismatch, compared=False)
-    if method != PREDICT_METHOD:
-        same = production_reply == other_reply
-        return Comparison(False, True, same, differing_outputs=() if same else (BYTES_MARKER,))
-    ours = production_outputs or decode_outputs(production_reply)
-    theirs = decode_outputs(other_reply)
+    codec = codec_for(method)
+    ours = theirs = None
+    if codec is not None:
+        ours = production_outputs or codec.outputs(production_reply)
+        theirs = codec.outputs(other_reply)
     if ours is None or theirs is None:
         same = production_reply == other_reply
         return Comparison(False, True, same, differing_outputs=() if same else (BYTES_MARKER,))
     return _compare_outputs(ours, theirs, tolerance)
 
 
-def _compare_outputs(ours: _Outputs, theirs: _Outputs, tolerance: float) -> Comparison:
+def _compare_outputs(ours: Outputs, theirs: Outputs, tolerance: float) -> Comparison:
     differing: list[str] = []
     diffs: list[np.ndarray[Any, Any]] = []
     for name in sorted(set(ours.arrays) | set(theirs.arrays)):
