@@ -96,9 +96,9 @@ def known_codecs() -> dict[str, MethodCodec]:
     global _CODECS
     if _CODECS is None:
         # Imported here: each protocol module builds its message classes on import.
-        from proxy.protocols import predict_v1
+        from proxy.protocols import open_inference, predict_v1, tf_serving
 
-        codecs: list[MethodCodec] = [*predict_v1.CODECS]
+        codecs = [*predict_v1.CODECS, *open_inference.CODECS, *tf_serving.CODECS]
         _CODECS = {codec.method: codec for codec in codecs}
     return _CODECS
 
