@@ -50,6 +50,7 @@ config file (--config, YAML .yaml/.yml, TOML .toml or JSON .json), same names as
   traces_file: traces.jsonl
   redact_metadata: [x-api-key]
   redact_tensors: [ssn]
+  never_shadowed: [/inference.GRPCInferenceService/ModelMetadata]   # replaces the default
   Flags override the file; a --shadow replaces the file's shadow of the same name.
 
 environment (OpenTelemetry's standard variables keep their meaning):
@@ -168,6 +169,17 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
         action="append",
         metavar="NAME",
         help="tensor whose contents are hidden in recorded payloads (repeatable)",
+    )
+    p.add_argument(
+        "--never-shadow",
+        dest="never_shadowed",
+        action="append",
+        metavar="METHOD",
+        help="forward this method to production only: /package.Service/Method, or "
+        "/package.Service/ for all of a service's methods (repeatable; replaces the default "
+        "list, the Open Inference Protocol's ServerLive, ServerReady, ServerMetadata, "
+        "ModelReady, ModelMetadata and TF Serving's GetModelMetadata; 'none' shadows every "
+        "method)",
     )
     p.add_argument(
         "--max-message-bytes",
@@ -308,6 +320,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "payload_max_bytes": args.payload_max_bytes,
         "redact_metadata": args.redact_metadata,
         "redact_tensors": args.redact_tensors,
+        "never_shadowed": args.never_shadowed,
         "max_message_bytes": args.max_message_bytes,
         "shutdown_grace": args.shutdown_grace,
         "shadow_grace": args.shadow_grace,

@@ -74,6 +74,8 @@ class ProductionStats:
         )
 
 
+# Method names come from clients; remembering every one would let a client grow memory.
+_MAX_REMEMBERED_METHODS = 1024
 _TRACEPARENT_RE = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
 
 
@@ -100,8 +102,14 @@ class FanOut:
         registry: Registry,
         shadows: ShadowWriter,
         record: Callable[[CallRecord], None],
+        never_shadowed: Iterable[str] = (),
     ) -> None:
         self.registry = registry
+        names = tuple(never_shadowed)
+        self._never_methods = frozenset(n for n in names if not n.endswith("/"))
+        self._never_services = tuple(n for n in names if n.endswith("/"))
+        # Method name -> shadowed?, so the per-call check is one dict lookup.
+        self._shadowed: dict[str, bool] = {}
         self.shadows = shadows
         self._record = record
         self.stats = ProductionStats()
@@ -148,7 +156,7 @@ class FanOut:
         call = production.upstream.method(method)(request, timeout=timeout, metadata=production_md)
         prod_start_ns = time.time_ns()
         decision: ShadowDecision = NO_SHADOWS
-        if snapshot.copies:
+        if snapshot.copies and self._is_shadowed(method):
             try:
                 decision = self.shadows.send(
                     snapshot.copies, method, request, tuple(forwarded), request_id, trace
@@ -219,6 +227,16 @@ class FanOut:
             client_code, client_details, outcome,
         )  # fmt: skip
         return ProductionReply(client_code, client_details, body, initial, trailing)
+
+    def _is_shadowed(self, method: str) -> bool:
+        shadowed = self._shadowed.get(method)
+        if shadowed is None:
+            shadowed = method not in self._never_methods and not method.startswith(
+                self._never_services
+            )
+            if len(self._shadowed) < _MAX_REMEMBERED_METHODS:
+                self._shadowed[method] = shadowed
+        return shadowed
 
     def _fail_fast(
         self,

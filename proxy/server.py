@@ -117,7 +117,9 @@ class ProxyServer:
         self.registry.listeners.append(self._on_registry_change)
         self.recorder.registry = self.registry
         self.shadows = ShadowWriter(self.registry, self.recorder.submit)
-        self.fanout = FanOut(self.registry, self.shadows, self.recorder.submit)
+        self.fanout = FanOut(
+            self.registry, self.shadows, self.recorder.submit, self.settings.never_shadowed
+        )
         self.feedback = FeedbackServicer(self.recorder.submit)
         self.health = HealthWatcher(self.registry, settings.health_interval, self._set_health)
         self.admin = AdminServicer(self.registry, self.change, settings.admin_token)

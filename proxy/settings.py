@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from proxy.errors import ConfigError
+from proxy.protocols import DEFAULT_NEVER_SHADOWED
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m)?\s*$")
@@ -86,6 +87,10 @@ class Settings:
     references: tuple[BackendSettings, ...] = ()
     """Second instances of the production model, called like shadows; where one differs from
     production, that output is noisy (non-deterministic) rather than a real difference."""
+    never_shadowed: tuple[str, ...] = DEFAULT_NEVER_SHADOWED
+    """Methods forwarded to production only: full names ``/package.Service/Method``, or a
+    whole service as ``/package.Service/``. By default the Open Inference Protocol's
+    liveness, readiness and metadata methods and TF Serving's GetModelMetadata."""
     tolerance: float = 1e-6
     """Numeric outputs within this absolute difference of production's count as equal."""
     metrics_port: int | None = None
@@ -484,6 +489,8 @@ def load_settings(
             if key == "redact_metadata":
                 names = [*ALWAYS_REDACTED_METADATA, *(n.lower() for n in names)]
             values[key] = tuple(dict.fromkeys(names))
+    if "never_shadowed" in merged:
+        values["never_shadowed"] = _method_names(merged["never_shadowed"])
     if "log_level" in merged:
         level = str(merged["log_level"]).upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -598,3 +605,23 @@ __all__ = [
     "read_config_file",
     "validate_address",
 ]
+
+
+def _method_names(items: Any) -> tuple[str, ...]:
+    """``never_shadowed``: a list of ``/package.Service/Method`` or ``/package.Service/``;
+    ``none`` (or an empty list) shadows every method."""
+    if isinstance(items, str):
+        items = [part for part in items.split(",")]
+    if not isinstance(items, list | tuple):
+        raise ConfigError("never_shadowed must be a list of gRPC method names")
+    names = [str(item).strip() for item in items if str(item).strip()]
+    if [n.lower() for n in names] == ["none"]:
+        return ()
+    for name in names:
+        service, _, method = name[1:].partition("/")
+        if not name.startswith("/") or not service or "/" in method or " " in name:
+            raise ConfigError(
+                f"--never-shadow: {name!r} is not a gRPC method name; expected "
+                "/package.Service/Method or /package.Service/ (every method of the service)"
+            )
+    return tuple(dict.fromkeys(names))
