@@ -27,6 +27,7 @@ from proxy.gen import admin_pb2_grpc, feedback_pb2_grpc, predict_pb2
 from proxy.health import HealthWatcher
 from proxy.metrics import ProxyMetrics, build_metrics
 from proxy.recording import Recorder
+from proxy.reflection import enable_reflection
 from proxy.registry import Registry, RegistryError, Snapshot, replay
 from proxy.settings import BackendSettings, Settings
 from proxy.shadow import ShadowWriter
@@ -160,14 +161,20 @@ class ProxyServer:
         server = aio.server(options=options)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(self.feedback, server)
-        reflection.enable_server_reflection(
+
+        def production_channel() -> aio.Channel | None:
+            # Read per request: a promotion changes where reflection is forwarded.
+            production = self.registry.snapshot.production
+            return production.upstream.channel if production.serving else None
+
+        enable_reflection(
             (
                 PREDICT_SERVICE,
                 FEEDBACK_SERVICE,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
             ),
             server,
+            production_channel,
         )
         server.add_generic_rpc_handlers((_ForwardingHandler(self),))
         port = _bind(server, self.settings.listen, "--listen", self._server_credentials())
