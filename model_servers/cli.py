@@ -1,4 +1,4 @@
-"""The `model-server` command: serve one scikit-learn model over predict.v1 gRPC."""
+"""The `model-server` command: serve one scikit-learn model over gRPC (predict.v1 or v2)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import NoReturn
 
 from model_servers.models import FAMILY, FEATURE_COUNT, MODELS
 from model_servers.server import (
+    PROTOCOLS,
     REGISTER_TIMEOUT_S,
     ModelServerOptions,
     ProxyRegistration,
@@ -57,9 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
             "A gRPC model server for the shadow proxy: serves one scikit-learn classifier,\n"
             f"trained at start-up on the {FAMILY} data set that ships with scikit-learn,\n"
             "over predict.v1.PredictionService/Predict (input 'features': FP32 or FP64,\n"
-            f"shape [batch, {FEATURE_COUNT}]; outputs 'label' and 'probabilities'), with the\n"
-            "standard gRPC health service, server reflection, and optional injected\n"
-            "latency, errors or hangs for testing how a proxy copes."
+            f"shape [batch, {FEATURE_COUNT}]; outputs 'label' and 'probabilities'), or with\n"
+            "--protocol v2 over the Open Inference Protocol (KServe v2, as Triton serves it:\n"
+            "inference.GRPCInferenceService/ModelInfer, same tensors, plus liveness, readiness\n"
+            "and metadata), with the standard gRPC health service, server reflection, and\n"
+            "optional injected latency, errors or hangs for testing how a proxy copes."
         ),
         epilog=f"models:\n{models}",
     )
@@ -78,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=default.model,
         help=f"the model to serve, one of: {', '.join(MODELS)} (see 'models' below; "
         "default: %(default)s)",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default=default.protocol,
+        help="predict-v1: the project's own predict.v1; v2: the Open Inference Protocol "
+        "(KServe v2), with tensors typed or raw (default: %(default)s)",
     )
     parser.add_argument(
         "--latency-ms",
@@ -185,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             error_rate=args.error_rate,
             hang=args.hang,
             seed=args.seed,
+            protocol=args.protocol,
         )
     except ValueError as exc:
         parser.error(str(exc))
@@ -272,7 +283,8 @@ async def _serve(
             except RegistrationError as exc:
                 logger.warning("%s", exc)
         await running.stop(grace=STOP_GRACE_S)
-    logger.info("stopped; %d Predict calls received", running.calls)
+    method = "ModelInfer" if options.protocol == "v2" else "Predict"
+    logger.info("stopped; %d %s calls received", running.calls, method)
     return 0
 
 

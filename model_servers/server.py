@@ -1,4 +1,4 @@
-"""The grpc.aio model server: predict.v1 over a fitted model, with health, reflection and faults."""
+"""The grpc.aio model server: predict.v1 or v2 over a fitted model; health, reflection, faults."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from model_servers import open_inference
 from model_servers.models import FAMILY, MODELS, ModelSpec, fitted_model
 from model_servers.predictor import InvalidRequest, Predictor, RequestError, UnknownModel
 from proxy.admin_cli import AdminClient, AdminError, AdminTarget, backend_spec
@@ -21,6 +24,7 @@ from proxy.gen import predict_pb2
 
 __all__ = [
     "PREDICTION_SERVICE",
+    "PROTOCOLS",
     "RECEIVED_MAXLEN",
     "REGISTER_TIMEOUT_S",
     "BindError",
@@ -39,6 +43,10 @@ logger = logging.getLogger(__name__)
 
 PREDICTION_SERVICE: str = predict_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name
 """The full gRPC service name, "predict.v1.PredictionService"."""
+
+PROTOCOLS: tuple[str, ...] = ("predict-v1", "v2")
+"""What a model server can speak: the project's own predict.v1, or "v2", the Open Inference
+Protocol (KServe v2, as Triton and MLServer serve it; see model_servers/open_inference.py)."""
 
 RECEIVED_MAXLEN = 10_000
 """How many calls RunningModelServer.received remembers; older ones are dropped."""
@@ -84,8 +92,14 @@ class ModelServerOptions:
     """Accept calls and never answer them (until the server stops)."""
     seed: int | None = None
     """Seeds the random choices of jitter and injected errors; None seeds from the OS."""
+    protocol: str = "predict-v1"
+    """The protocol to serve, one of PROTOCOLS."""
 
     def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(
+                f"unknown protocol {self.protocol!r}; known protocols: {', '.join(PROTOCOLS)}"
+            )
         if self.model not in MODELS:
             raise ValueError(
                 f"unknown model {self.model!r}; known models: {', '.join(sorted(MODELS))}"
@@ -116,7 +130,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 @dataclass(frozen=True)
 class ReceivedCall:
-    """One Predict call as the server received it, before any validation."""
+    """One Predict (or v2 ModelInfer) call as the server received it, before any validation."""
 
     request_bytes: bytes
     """The request exactly as it arrived on the wire."""
@@ -127,7 +141,10 @@ class ReceivedCall:
 
 
 class _PredictionServicer:
-    """The Predict handler: records each call, injects faults, then asks the Predictor."""
+    """The Predict handler: records each call, injects faults, then asks the Predictor.
+
+    Its `answer` does the same for the v2 servicer's ModelInfer (open_inference.CallGate).
+    """
 
     def __init__(self, predictor: Predictor, options: ModelServerOptions) -> None:
         self._predictor = predictor
@@ -149,7 +166,21 @@ class _PredictionServicer:
     def stop(self) -> None:
         self._stopping.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
     async def predict(self, request_bytes: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return await self.answer(request_bytes, context, self._predictor.predict_bytes)
+
+    async def answer(
+        self,
+        request_bytes: bytes,
+        context: grpc.aio.ServicerContext,
+        predict: Callable[[bytes, str], bytes],
+    ) -> bytes:
+        """Record the call, inject the configured faults, then reply with
+        ``predict(request_bytes, x-request-id)``, its RequestErrors mapped to status codes."""
         self.calls += 1
         call_number = self.calls  # self.calls moves on while this call awaits
         metadata = tuple((key, value) for key, value in context.invocation_metadata() or ())
@@ -178,14 +209,18 @@ class _PredictionServicer:
         request_id = next((str(v) for k, v in metadata if k == "x-request-id"), "")
         try:
             # Inline, not in a thread: a batch of rows takes well under a millisecond.
-            return self._predictor.predict_bytes(request_bytes, request_id)
+            return predict(request_bytes, request_id)
         except RequestError as exc:
-            code = _STATUS_OF[type(exc)]
-            logger.debug("call %d: %s: %s", call_number, code.name, exc)
-            await context.abort(code, str(exc))
+            logger.debug("call %d: %s: %s", call_number, type(exc).__name__, exc)
+            await self.refuse(context, exc)
         except Exception as exc:
             logger.exception("prediction failed")
             await context.abort(grpc.StatusCode.INTERNAL, f"prediction failed: {exc!r}")
+        raise AssertionError("unreachable: context.abort() raises")
+
+    async def refuse(self, context: grpc.aio.ServicerContext, error: RequestError) -> NoReturn:
+        """End the call with the status code of `error`'s class and its message."""
+        await context.abort(_STATUS_OF[type(error)], str(error))
         raise AssertionError("unreachable: context.abort() raises")
 
 
@@ -214,18 +249,22 @@ class RunningModelServer:
 
     @property
     def received(self) -> collections.deque[ReceivedCall]:
-        """The last RECEIVED_MAXLEN Predict calls, oldest first, valid or not."""
+        """The last RECEIVED_MAXLEN Predict (v2: ModelInfer) calls, oldest first, valid or not.
+
+        v2's health and metadata calls are not recorded, and get no injected faults.
+        """
         return self._servicer.received
 
     @property
     def calls(self) -> int:
-        """How many Predict calls arrived, including rejected and failed ones."""
+        """How many Predict (v2: ModelInfer) calls arrived, including rejected and failed ones."""
         return self._servicer.calls
 
     def describe(self) -> str:
-        """A one-line summary for logs: model, version, family and address."""
+        """A one-line summary for logs: model, version, family, address and protocol."""
+        over = " over the Open Inference Protocol (v2)" if self.options.protocol == "v2" else ""
         return (
-            f"{self.model.name} (version {self.model.version}, {FAMILY}) on {self.address}"
+            f"{self.model.name} (version {self.model.version}, {FAMILY}) on {self.address}{over}"
             + _fault_summary(self.options)
         )
 
@@ -247,18 +286,28 @@ async def start_model_server(options: ModelServerOptions) -> RunningModelServer:
     # Training takes ~0.2 s the first time; a thread keeps the event loop responsive.
     model = await asyncio.to_thread(fitted_model, options.model)
     host, _ = parse_listen(options.listen)
-    servicer = _PredictionServicer(Predictor(model), options)
+    predictor = Predictor(model)
+    servicer = _PredictionServicer(predictor, options)
     # gRPC sets SO_REUSEPORT by default, which would let a second server "bind" a port
     # already in use and silently share its traffic; turn it off so that fails loudly.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    server.add_generic_rpc_handlers((servicer.generic_handler(),))
+    if options.protocol == "v2":
+        service = open_inference.SERVICE
+        inference = open_inference.OpenInferencePredictor(predictor)
+        v2_servicer = open_inference.OpenInferenceServicer(inference, servicer)
+        server.add_generic_rpc_handlers((v2_servicer.generic_handler(),))
+        reflection_pool = open_inference.reflection_pool()
+    else:
+        service = PREDICTION_SERVICE
+        server.add_generic_rpc_handlers((servicer.generic_handler(),))
+        reflection_pool = None  # predict.v1 lives in protobuf's default pool
 
     health_servicer = health.aio.HealthServicer()
-    for service in ("", PREDICTION_SERVICE):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    for name in ("", service):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (PREDICTION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (service, health.SERVICE_NAME, reflection.SERVICE_NAME), server, pool=reflection_pool
     )
 
     try:

@@ -4,7 +4,9 @@
 Starts two real model servers (logistic regression v1 in production, gradient boosting v2
 as the candidate shadow) and the proxy on free loopback ports, sends the held-out part of
 the breast-cancer data set through the proxy, stops everything cleanly and prints what
-was recorded. Run it as ``./scripts/demo.sh`` (which sets up .venv first).
+was recorded. Run it as ``./scripts/demo.sh`` (which sets up .venv first); with
+``--protocol v2`` the models speak the Open Inference Protocol (KServe v2) and the
+traffic is ModelInfer with raw tensors.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
+import numpy as np
 from grpc import aio
 from tqdm import tqdm
 
@@ -32,7 +37,13 @@ from proxy.compare.html import render_html  # noqa: E402
 from proxy.compare.report import build_report, render_text  # noqa: E402
 from proxy.compare.traces import read_calls  # noqa: E402
 from proxy.gen import feedback_pb2, feedback_pb2_grpc, predict_pb2, predict_pb2_grpc  # noqa: E402
+from proxy.protocols import open_inference as v2  # noqa: E402
 from proxy.tensors import to_tensor  # noqa: E402
+
+PROTOCOLS = ("predict-v1", "v2")
+
+# Sends one row ([1, 30]) under a request id through the proxy; returns production's label.
+Predict = Callable[[str, np.ndarray[Any, Any]], Awaitable[int]]
 
 
 def _start(name: str, args: list[str], out: Path) -> tuple[subprocess.Popen[bytes], Path]:
@@ -72,8 +83,41 @@ def _stop(name: str, process: subprocess.Popen[bytes]) -> int:
         return process.wait()
 
 
+def _predict_v1(channel: aio.Channel) -> Predict:
+    stub = predict_pb2_grpc.PredictionServiceStub(channel)
+
+    async def predict(request_id: str, row: np.ndarray[Any, Any]) -> int:
+        request = predict_pb2.PredictRequest(
+            model_name="breast-cancer", request_id=request_id, inputs=[to_tensor("features", row)]
+        )
+        reply = await stub.Predict(request, timeout=10)
+        label = next(o for o in reply.outputs if o.name == "label")
+        return int(label.contents.int64_contents[0])
+
+    return predict
+
+
+def _infer_v2(channel: aio.Channel) -> Predict:
+    # The v2 messages live in a private descriptor pool, with no generated stub.
+    model_infer = channel.unary_unary(
+        v2.MODEL_INFER,
+        request_serializer=lambda message: message.SerializeToString(),
+        response_deserializer=v2.ModelInferResponse.FromString,
+    )
+
+    async def predict(request_id: str, row: np.ndarray[Any, Any]) -> int:
+        # The id is the request id the proxy records (there is no x-request-id header),
+        # and the one the true labels are sent under.
+        request = v2.ModelInferRequest(model_name="breast-cancer", id=request_id)
+        v2.add_input(request, "features", row, "FP64", raw=True)
+        reply = await model_infer(request, timeout=10)
+        return int(v2.response_outputs(reply)["label"][0])
+
+    return predict
+
+
 async def _send(
-    address: str, limit: int | None, concurrency: int
+    address: str, limit: int | None, concurrency: int, protocol: str
 ) -> tuple[dict[str, int], list[float], int]:
     """Send the held-out rows; return production's label per request id, latencies, errors."""
     features, truth = heldout()
@@ -86,7 +130,7 @@ async def _send(
     for index in range(len(features)):
         queue.put_nowait(index)
     async with aio.insecure_channel(address) as channel:
-        stub = predict_pb2_grpc.PredictionServiceStub(channel)
+        predict = _infer_v2(channel) if protocol == "v2" else _predict_v1(channel)
         with tqdm(total=len(features), desc="requests", unit="req", file=sys.stdout) as progress:
 
             async def worker() -> None:
@@ -94,17 +138,10 @@ async def _send(
                 while not queue.empty():
                     index = queue.get_nowait()
                     request_id = f"demo-{index:04d}"
-                    request = predict_pb2.PredictRequest(
-                        model_name="breast-cancer",
-                        request_id=request_id,
-                        inputs=[to_tensor("features", features[index : index + 1])],
-                    )
                     start = time.perf_counter()
                     try:
-                        reply = await stub.Predict(request, timeout=10)
+                        labels[request_id] = await predict(request_id, features[index : index + 1])
                         latencies.append(time.perf_counter() - start)
-                        label = next(o for o in reply.outputs if o.name == "label")
-                        labels[request_id] = int(label.contents.int64_contents[0])
                     except grpc.aio.AioRpcError as error:
                         errors += 1
                         tqdm.write(f"  {request_id}: {error.code().name}: {error.details()}")
@@ -195,6 +232,13 @@ def main(argv: list[str] | None = None) -> int:
         "--concurrency", type=int, default=4, help="calls in flight at once (default 4)"
     )
     parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="predict-v1",
+        help="what the model servers speak: predict-v1 (the project's own) or v2 (the Open "
+        "Inference Protocol, KServe v2; traffic is ModelInfer with raw tensors)",
+    )
+    parser.add_argument(
         "--shadow-latency-ms",
         type=float,
         default=0.0,
@@ -208,22 +252,23 @@ def main(argv: list[str] | None = None) -> int:
     traces.unlink(missing_ok=True)
     started: list[tuple[str, subprocess.Popen[bytes]]] = []
     try:
-        print(f"demo: starting three model servers and the proxy (logs in {out})")
+        over = " over the Open Inference Protocol (v2)" if args.protocol == "v2" else ""
+        print(f"demo: starting three model servers{over} and the proxy (logs in {out})")
+        model_server = ["model_servers", "--listen", "127.0.0.1:0", "--protocol", args.protocol]
         production, production_ready = _start(
-            "production", ["model_servers", "--listen", "127.0.0.1:0", "--model", "logreg-v1"], out
+            "production", [*model_server, "--model", "logreg-v1"], out
         )
         started.append(("production", production))
         candidate, candidate_ready = _start(
             "candidate",
-            ["model_servers", "--listen", "127.0.0.1:0", "--model", "gboost-v2",
-             "--latency-ms", str(args.shadow_latency_ms)],
+            [*model_server, "--model", "gboost-v2", "--latency-ms", str(args.shadow_latency_ms)],
             out,
-        )  # fmt: skip
+        )
         started.append(("candidate", candidate))
         # A second instance of the production model: where it differs from production, the
         # difference is noise, and the report does not hold it against the candidate.
         reference, reference_ready = _start(
-            "reference", ["model_servers", "--listen", "127.0.0.1:0", "--model", "logreg-v1"], out
+            "reference", [*model_server, "--model", "logreg-v1"], out
         )
         started.append(("reference", reference))
         production_address = _wait_ready("production", production, production_ready, out)
@@ -250,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
         labels, latencies, errors = asyncio.run(
-            _send(proxy_address, args.requests, args.concurrency)
+            _send(proxy_address, args.requests, args.concurrency, args.protocol)
         )
 
         print("demo: stopping the proxy (it drains shadows and flushes traces), then the models")
