@@ -33,7 +33,7 @@ from model_servers import (
 )
 from model_servers.cli import main as cli_main
 from model_servers.models import fitted_model
-from model_servers.server import parse_listen
+from model_servers.server import PROTOCOLS, parse_listen
 from proxy.gen import predict_pb2, predict_pb2_grpc
 from proxy.tensors import TensorError, dtype_name, from_tensor, to_tensor
 
@@ -487,8 +487,8 @@ def test_help_mentions_every_flag_and_model(capsys: pytest.CaptureFixture[str]) 
     assert exited.value.code == 0
     text = capsys.readouterr().out
     flags = ["--listen", "--model", "--latency-ms", "--latency-jitter-ms", "--error-rate"]
-    flags += ["--hang", "--seed", "--ready-file", "--log-level"]
-    for word in [*flags, *MODELS]:
+    flags += ["--hang", "--seed", "--ready-file", "--log-level", "--protocol"]
+    for word in [*flags, *MODELS, *PROTOCOLS]:
         assert word in text, word
 
 
