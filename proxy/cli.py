@@ -51,6 +51,7 @@ config file (--config, YAML .yaml/.yml, TOML .toml or JSON .json), same names as
   redact_metadata: [x-api-key]
   redact_tensors: [ssn]
   never_shadowed: [/inference.GRPCInferenceService/ModelMetadata]   # replaces the default
+  streaming_methods: [/inference.GRPCInferenceService/ModelStreamInfer, /my.v1.Chat/Talk]
   Flags override the file; a --shadow replaces the file's shadow of the same name.
 
 environment (OpenTelemetry's standard variables keep their meaning):
@@ -180,6 +181,17 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
         "list, the Open Inference Protocol's ServerLive, ServerReady, ServerMetadata, "
         "ModelReady, ModelMetadata and TF Serving's GetModelMetadata; 'none' shadows every "
         "method)",
+    )
+    p.add_argument(
+        "--streaming-method",
+        dest="streaming_methods",
+        action="append",
+        metavar="METHOD",
+        help="relay this method as a stream, message by message, to production only (never "
+        "shadowed): /package.Service/Method, or /package.Service/ for all of a service's "
+        "methods (repeatable; replaces the default list, Triton's ModelStreamInfer; 'none' "
+        "serves every method as unary). A streaming method missing here is cut after its "
+        "first message",
     )
     p.add_argument(
         "--max-message-bytes",
@@ -321,6 +333,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "redact_metadata": args.redact_metadata,
         "redact_tensors": args.redact_tensors,
         "never_shadowed": args.never_shadowed,
+        "streaming_methods": args.streaming_methods,
         "max_message_bytes": args.max_message_bytes,
         "shutdown_grace": args.shutdown_grace,
         "shadow_grace": args.shadow_grace,

@@ -129,7 +129,7 @@ class FanOut:
         """
         start_ns = time.time_ns()
         received = tuple(metadata)
-        forwarded, request_id, incoming_trace, tracestate = _split_metadata(received)
+        forwarded, request_id, incoming_trace, tracestate = split_metadata(received)
         if not request_id:
             request_id = _request_id_from_body(method, request) or secrets.token_hex(8)
             forwarded.append((REQUEST_ID_KEY, request_id))
@@ -250,13 +250,10 @@ class FanOut:
         production: Backend,
     ) -> ProductionReply:
         """Production's health check says it is not serving: answer at once, naming it."""
-        backend = production.settings
         self.stats.calls += 1
         self.stats.errors += 1
         self.stats.unreachable += 1
-        details = f"production backend '{backend.name}' ({backend.address}) is not serving" + (
-            f": {production.health_detail}" if production.health_detail else ""
-        )
+        details = not_serving_details(production)
         self._submit(
             method, request_id, trace, start_ns, request, received, peer, NO_SHADOWS,
             grpc.StatusCode.UNAVAILABLE, details, None,
@@ -333,7 +330,15 @@ class FanOut:
         )
 
 
-def _split_metadata(
+def not_serving_details(production: Backend) -> str:
+    """What a client is told when production's health check says it is not serving."""
+    backend = production.settings
+    return f"production backend '{backend.name}' ({backend.address}) is not serving" + (
+        f": {production.health_detail}" if production.health_detail else ""
+    )
+
+
+def split_metadata(
     received: Metadata,
 ) -> tuple[list[tuple[str, str | bytes]], str, str | None, str | None]:
     """One pass over the client's metadata: what to forward, the request id, trace headers."""

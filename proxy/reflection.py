@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection as _reference
 from grpc_reflection.v1alpha import reflection_pb2
 
 from proxy.admin import ADMIN_SERVICE
-from proxy.fanout import _split_metadata
+from proxy.fanout import split_metadata
 
 __all__ = [
     "LIST_TIMEOUT",
@@ -127,7 +127,7 @@ class ReflectionServicer:
     async def ServerReflectionInfo(
         self, requests: AsyncIterator[Request], context: aio.ServicerContext
     ) -> AsyncIterator[Response]:
-        forwarded, *_ = _split_metadata(context.invocation_metadata() or ())
+        forwarded, *_ = split_metadata(context.invocation_metadata() or ())
         upstream = _ProductionStream(
             self._production, self.service, tuple(forwarded), context.time_remaining
         )

@@ -32,6 +32,7 @@ from proxy.registry import Registry, RegistryError, Snapshot, replay
 from proxy.settings import BackendSettings, Settings
 from proxy.shadow import ShadowWriter
 from proxy.state import StateFile
+from proxy.streaming import StreamRelay
 from proxy.telemetry import Telemetry, build_telemetry
 from proxy.upstream import Upstream, channel_options
 
@@ -51,7 +52,8 @@ _MAX_CACHED_HANDLERS = 1024
 
 
 class _ForwardingHandler(grpc.GenericRpcHandler):
-    """Answers every unary method the proxy does not own by forwarding its bytes."""
+    """Answers every method the proxy does not own by forwarding its bytes: the configured
+    streaming methods as streams, every other method as unary."""
 
     def __init__(self, proxy: ProxyServer) -> None:
         self._proxy = proxy
@@ -66,9 +68,15 @@ class _ForwardingHandler(grpc.GenericRpcHandler):
             if method.startswith(_OWN_SERVICES):
                 return None
             # No (de)serializers: the request and the reply stay bytes end to end.
-            handler = grpc.unary_unary_rpc_method_handler(
-                functools.partial(self._proxy.forward, method)
-            )
+            streams = self._proxy.streams
+            if streams.relays(method):
+                handler = grpc.stream_stream_rpc_method_handler(
+                    functools.partial(streams.relay, method)
+                )
+            else:
+                handler = grpc.unary_unary_rpc_method_handler(
+                    functools.partial(self._proxy.forward, method)
+                )
             if len(self._handlers) < _MAX_CACHED_HANDLERS:
                 self._handlers[method] = handler
         return handler
@@ -121,6 +129,7 @@ class ProxyServer:
         self.fanout = FanOut(
             self.registry, self.shadows, self.recorder.submit, self.settings.never_shadowed
         )
+        self.streams = StreamRelay(self.registry, settings.streaming_methods)
         self.feedback = FeedbackServicer(self.recorder.submit)
         self.health = HealthWatcher(self.registry, settings.health_interval, self._set_health)
         self.admin = AdminServicer(self.registry, self.change, settings.admin_token)
@@ -441,6 +450,8 @@ class ProxyServer:
         flushed = await asyncio.to_thread(self.telemetry.shutdown)
         await asyncio.to_thread(self.metrics.shutdown)
         log.info("production calls: %s", self.fanout.stats.summary())
+        if self.streams.stats.streams:
+            log.info("streams relayed to production: %s", self.streams.stats.summary())
         for backend in self.registry.backends():
             log.info("%s %s: %s", backend.role, backend.name, backend.stats.summary())
         if self.recorder.enabled:

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from proxy.errors import ConfigError
-from proxy.protocols import DEFAULT_NEVER_SHADOWED
+from proxy.protocols import DEFAULT_NEVER_SHADOWED, DEFAULT_STREAMING_METHODS
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m)?\s*$")
@@ -91,6 +91,13 @@ class Settings:
     """Methods forwarded to production only: full names ``/package.Service/Method``, or a
     whole service as ``/package.Service/``. By default the Open Inference Protocol's
     liveness, readiness and metadata methods and TF Serving's GetModelMetadata."""
+    streaming_methods: tuple[str, ...] = DEFAULT_STREAMING_METHODS
+    """Methods relayed as streams, message by message, to production only (never shadowed,
+    never compared): full names ``/package.Service/Method``, or a whole service as
+    ``/package.Service/`` (its unary methods are then relayed the same way, unshadowed).
+    gRPC's wire format does not say whether a call streams; a streaming method missing
+    here is served as unary and cut after its first message. By default every streaming
+    method of the protocols the proxy knows: Triton's ``ModelStreamInfer``."""
     tolerance: float = 1e-6
     """Numeric outputs within this absolute difference of production's count as equal."""
     metrics_port: int | None = None
@@ -490,7 +497,13 @@ def load_settings(
                 names = [*ALWAYS_REDACTED_METADATA, *(n.lower() for n in names)]
             values[key] = tuple(dict.fromkeys(names))
     if "never_shadowed" in merged:
-        values["never_shadowed"] = _method_names(merged["never_shadowed"])
+        values["never_shadowed"] = _method_names(
+            merged["never_shadowed"], "never_shadowed", "--never-shadow"
+        )
+    if "streaming_methods" in merged:
+        values["streaming_methods"] = _method_names(
+            merged["streaming_methods"], "streaming_methods", "--streaming-method"
+        )
     if "log_level" in merged:
         level = str(merged["log_level"]).upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -607,13 +620,13 @@ __all__ = [
 ]
 
 
-def _method_names(items: Any) -> tuple[str, ...]:
-    """``never_shadowed``: a list of ``/package.Service/Method`` or ``/package.Service/``;
-    ``none`` (or an empty list) shadows every method."""
+def _method_names(items: Any, key: str, flag: str) -> tuple[str, ...]:
+    """``never_shadowed`` or ``streaming_methods``: a list of ``/package.Service/Method`` or
+    ``/package.Service/``; ``none`` (or an empty list) is the empty list."""
     if isinstance(items, str):
         items = [part for part in items.split(",")]
     if not isinstance(items, list | tuple):
-        raise ConfigError("never_shadowed must be a list of gRPC method names")
+        raise ConfigError(f"{key} must be a list of gRPC method names")
     names = [str(item).strip() for item in items if str(item).strip()]
     if [n.lower() for n in names] == ["none"]:
         return ()
@@ -621,7 +634,7 @@ def _method_names(items: Any) -> tuple[str, ...]:
         service, _, method = name[1:].partition("/")
         if not name.startswith("/") or not service or "/" in method or " " in name:
             raise ConfigError(
-                f"--never-shadow: {name!r} is not a gRPC method name; expected "
+                f"{flag}: {name!r} is not a gRPC method name; expected "
                 "/package.Service/Method or /package.Service/ (every method of the service)"
             )
     return tuple(dict.fromkeys(names))

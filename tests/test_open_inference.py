@@ -116,6 +116,10 @@ PUBLISHED = {
         "fp64_contents": (7, "repeated double"),
         "bytes_contents": (8, "repeated bytes"),
     },
+    "ModelStreamInferResponse": {
+        "error_message": (1, "string"),
+        "infer_response": (2, "ModelInferResponse"),
+    },
     "ServerLiveRequest": {},
     "ServerLiveResponse": {"live": (1, "bool")},
     "ServerReadyRequest": {},
@@ -175,19 +179,25 @@ def test_messages_have_the_published_field_numbers_and_types(name: str) -> None:
     assert _layout_of(descriptor) == PUBLISHED[name]
 
 
-def test_service_has_the_unary_methods() -> None:
+def test_service_has_the_unary_methods_and_triton_stream() -> None:
     service = serving_pool.service_descriptor(oi.SERVICE)
-    methods = {m.name: (m.input_type.name, m.output_type.name) for m in service.methods}  # type: ignore[attr-defined]
+    methods = {
+        m.name: (m.input_type.name, m.output_type.name, m.client_streaming, m.server_streaming)
+        for m in service.methods  # type: ignore[attr-defined]
+    }
     assert methods == {
-        name: (f"{name}Request", f"{name}Response")
-        for name in (
-            "ServerLive",
-            "ServerReady",
-            "ModelReady",
-            "ServerMetadata",
-            "ModelMetadata",
-            "ModelInfer",
-        )
+        **{
+            name: (f"{name}Request", f"{name}Response", False, False)
+            for name in (
+                "ServerLive",
+                "ServerReady",
+                "ModelReady",
+                "ServerMetadata",
+                "ModelMetadata",
+                "ModelInfer",
+            )
+        },
+        "ModelStreamInfer": ("ModelInferRequest", "ModelStreamInferResponse", True, True),
     }
     assert oi.MODEL_INFER == "/inference.GRPCInferenceService/ModelInfer"
 

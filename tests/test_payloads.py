@@ -14,7 +14,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from grpc import aio
 
-from proxy.fanout import _split_metadata, parse_traceparent
+from proxy.fanout import parse_traceparent, split_metadata
 from proxy.gen import predict_pb2
 from proxy.payloads import REDACTED, PayloadCodec, metadata_attributes
 from proxy.upstream import came_from_backend
@@ -274,7 +274,7 @@ def test_split_metadata_drops_transport_and_trace_headers() -> None:
         ("x-tenant", "acme"),
         ("x-trace-bin", b"\x00\x01"),
     )
-    forwarded, request_id, traceparent, tracestate = _split_metadata(received)
+    forwarded, request_id, traceparent, tracestate = split_metadata(received)
     assert forwarded == [
         ("tracestate", "congo=t61rcWkgMzE"),
         ("x-request-id", "req-7"),
@@ -287,7 +287,7 @@ def test_split_metadata_drops_transport_and_trace_headers() -> None:
 
 
 def test_split_metadata_without_id_or_trace_headers() -> None:
-    forwarded, request_id, traceparent, tracestate = _split_metadata((("x-tenant", "acme"),))
+    forwarded, request_id, traceparent, tracestate = split_metadata((("x-tenant", "acme"),))
     assert forwarded == [("x-tenant", "acme")]
     assert (request_id, traceparent, tracestate) == ("", None, None)
 

@@ -16,6 +16,7 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_NEVER_SHADOWED",
+    "DEFAULT_STREAMING_METHODS",
     "REDACTED",
     "MethodCodec",
     "Outputs",
@@ -36,6 +37,11 @@ DEFAULT_NEVER_SHADOWED: tuple[str, ...] = (
     "/inference.GRPCInferenceService/ModelMetadata",
     "/tensorflow.serving.PredictionService/GetModelMetadata",
 )
+
+# The streaming methods of the services the proxy knows (protos/ and protos/serving/; a
+# test checks this list against their descriptors). gRPC's wire format does not say
+# whether a call streams, so the proxy can relay a stream only when told which methods do.
+DEFAULT_STREAMING_METHODS: tuple[str, ...] = ("/inference.GRPCInferenceService/ModelStreamInfer",)
 
 
 @dataclass(slots=True)

@@ -1,0 +1,222 @@
+"""Relay streaming calls to production only, message by message, as bytes.
+
+A streaming call is never shadowed and never compared: the proxy's comparison is of one
+reply with another, and a stream has no one reply to compare. When to cut a stream into
+comparable pieces (per request? per sequence? per generated token?) is the model's
+business, not the transport's, and a stream copied to a shadow would hold the shadow's
+resources for as long as the client's stream lasts.
+
+Streams are counted (:class:`StreamStats`, the production backend's call counters) and
+logged at DEBUG level; they are not recorded as spans. Production is given the client's
+own ``traceparent`` (there is no proxy span for it to hang under).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+
+import grpc
+from grpc import aio
+
+from proxy.errors import BackendUnreachable, status_for_unreachable
+from proxy.fanout import REQUEST_ID_KEY, not_serving_details, parse_traceparent, split_metadata
+from proxy.records import Metadata
+from proxy.registry import Backend, Registry
+from proxy.upstream import came_from_backend
+
+log = logging.getLogger(__name__)
+
+# Method names come from clients; remembering every one would let a client grow memory.
+_MAX_REMEMBERED_METHODS = 1024
+
+
+@dataclass(slots=True)
+class StreamStats:
+    """Counters of the relayed streams, logged at shutdown."""
+
+    streams: int = 0
+    errors: int = 0
+    """Streams that ended with a status other than OK (unreachable and cancelled included)."""
+    unreachable: int = 0
+    cancelled: int = 0
+    """Streams the client cancelled or whose deadline passed (or cut at shutdown)."""
+    requests: int = 0
+    """Messages relayed from clients to production."""
+    replies: int = 0
+    """Messages relayed from production to clients."""
+
+    def summary(self) -> str:
+        return (
+            f"streams={self.streams} errors={self.errors} unreachable={self.unreachable} "
+            f"cancelled={self.cancelled} requests={self.requests} replies={self.replies}"
+        )
+
+
+@dataclass(slots=True)
+class _Counts:
+    requests: int = 0
+    replies: int = 0
+
+
+class StreamRelay:
+    """Relays the calls of the configured streaming methods to production.
+
+    Each side's messages are relayed one at a time, as they come: a message is read from
+    one side only after the previous one was handed to the other side's transport, so
+    memory stays bounded by gRPC's flow control, however long the stream.
+    """
+
+    def __init__(self, registry: Registry, methods: Iterable[str]) -> None:
+        self.registry = registry
+        names = tuple(methods)
+        self._methods = frozenset(n for n in names if not n.endswith("/"))
+        self._services = tuple(n for n in names if n.endswith("/"))
+        # Method name -> streamed?, so the per-call check is one dict lookup.
+        self._streamed: dict[str, bool] = {}
+        self.stats = StreamStats()
+
+    def relays(self, method: str) -> bool:
+        """Whether calls of ``method`` are relayed as streams (else they are unary)."""
+        streamed = self._streamed.get(method)
+        if streamed is None:
+            streamed = method in self._methods or method.startswith(self._services)
+            if len(self._streamed) < _MAX_REMEMBERED_METHODS:
+                self._streamed[method] = streamed
+        return streamed
+
+    async def relay(
+        self, method: str, requests: AsyncIterator[bytes], context: aio.ServicerContext
+    ) -> None:
+        """The gRPC edge of one stream: production's messages, initial metadata, status,
+        details and trailing metadata, exactly, to the client (plus ``x-request-id``).
+
+        The client's deadline bounds the call to production (production's own ``timeout``
+        is for unary calls and does not cut streams); a client cancel cancels it.
+        """
+        start = time.monotonic()
+        forwarded, request_id, traceparent, tracestate = split_metadata(
+            context.invocation_metadata() or ()
+        )
+        if not request_id:
+            request_id = secrets.token_hex(8)
+            forwarded.append((REQUEST_ID_KEY, request_id))
+        if traceparent is not None and parse_traceparent(traceparent) is not None:
+            forwarded.append(("traceparent", traceparent))
+        elif tracestate is not None:
+            # W3C: a tracestate without a valid traceparent belongs to no trace; drop it.
+            forwarded = [(k, v) for k, v in forwarded if k != "tracestate"]
+        request_id_trailer = ((REQUEST_ID_KEY, request_id),)
+        # One snapshot per stream: a promotion mid-stream does not move it.
+        production = self.registry.snapshot.production
+        backend = production.settings
+        self.stats.streams += 1
+        if not production.serving:
+            self.stats.errors += 1
+            self.stats.unreachable += 1
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, not_serving_details(production), request_id_trailer
+            )
+
+        call: aio.StreamStreamCall = production.upstream.channel.stream_stream(method)(
+            metadata=tuple(forwarded), timeout=context.time_remaining()
+        )
+        production.stats.sent += 1
+        production.in_flight += 1
+        counts = _Counts()
+        pump = asyncio.create_task(_pump(requests, call, counts))
+        from_backend = True
+        try:
+            initial: Metadata = tuple(await call.initial_metadata() or ())
+            if initial:
+                await context.send_initial_metadata(initial)
+            while (reply := await call.read()) is not aio.EOF:
+                counts.replies += 1
+                await context.write(reply)
+            code, details = grpc.StatusCode.OK, ""
+            trailing: Metadata = tuple(await call.trailing_metadata() or ())
+        except aio.AioRpcError as error:
+            code, details = error.code(), error.details() or ""
+            trailing = tuple(error.trailing_metadata() or ())
+            from_backend = came_from_backend(error)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # The client cancelled, its deadline passed, or the shutdown grace ran out.
+                call.cancel()
+                self._finish(
+                    method, request_id, start, counts, grpc.StatusCode.CANCELLED, production,
+                    client_cancelled=True,
+                )  # fmt: skip
+                raise
+            # The call was cancelled under us: the proxy closed production's channel (the
+            # backend was removed and its grace ran out).
+            code, details, trailing = grpc.StatusCode.UNAVAILABLE, "channel closed", ()
+            from_backend = False
+        except Exception as exc:  # a bug of ours must cost one stream, not the proxy
+            log.exception("relaying the stream %s to production failed", method)
+            call.cancel()
+            code, details, trailing = grpc.StatusCode.INTERNAL, f"proxy error: {exc}", ()
+        finally:
+            pump.cancel()
+        self._finish(method, request_id, start, counts, code, production)
+        if not any(key == REQUEST_ID_KEY for key, _ in trailing):
+            trailing = (*trailing, *request_id_trailer)
+        if code is grpc.StatusCode.OK:
+            context.set_trailing_metadata(trailing)
+            return
+        if not from_backend:
+            # The backend never answered: tell the client which backend, in one line.
+            self.stats.unreachable += 1
+            unreachable = BackendUnreachable(
+                "production", backend.name, backend.address, code, details
+            )
+            code, details = status_for_unreachable(code), unreachable.client_details()
+        await context.abort(code, details, trailing)
+
+    def _finish(
+        self,
+        method: str,
+        request_id: str,
+        start: float,
+        counts: _Counts,
+        code: grpc.StatusCode,
+        production: Backend,
+        *,
+        client_cancelled: bool = False,
+    ) -> None:
+        production.in_flight -= 1
+        production.stats.count(code, cancelled_by_proxy=client_cancelled)
+        stats = self.stats
+        stats.requests += counts.requests
+        stats.replies += counts.replies
+        if code is not grpc.StatusCode.OK:
+            stats.errors += 1
+        if client_cancelled:
+            stats.cancelled += 1
+        log.debug(
+            "stream %s (request id %s) to production %s: %d requests, %d replies, %s, %.3fs",
+            method, request_id, production.name, counts.requests, counts.replies, code.name,
+            time.monotonic() - start,
+        )  # fmt: skip
+
+
+async def _pump(
+    requests: AsyncIterator[bytes], call: aio.StreamStreamCall, counts: _Counts
+) -> None:
+    """Client to production: each message as it comes, then the client's half-close."""
+    try:
+        async for message in requests:
+            await call.write(message)
+            counts.requests += 1
+        await call.done_writing()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        # Production ended the call (its status is what the client gets), or the client's
+        # side failed (its own status says so); either way this direction is over.
+        log.debug("stream to production: stopped relaying requests: %r", exc)
