@@ -35,7 +35,20 @@ _IS_REMOTE = 0x200
 
 
 def _value(value: Any) -> dict[str, Any]:
-    # bool before int: a bool is an int in Python.
+    # Exact types first (one dict lookup covers nearly every attribute); bool before int
+    # below because a bool is an int in Python.
+    kind = type(value)
+    if kind is str:
+        return {"stringValue": value}
+    if kind is int:
+        return {"intValue": str(value)}
+    if kind is bool:
+        return {"boolValue": value}
+    if kind is float:
+        return {"doubleValue": value}
+    if kind is tuple or kind is list:
+        values = [_value(v) for v in value]
+        return {"arrayValue": {"values": values}} if values else {"arrayValue": {}}
     if isinstance(value, bool):
         return {"boolValue": value}
     if isinstance(value, str):
@@ -55,7 +68,10 @@ def _value(value: Any) -> dict[str, Any]:
 def _attributes(attributes: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     if not attributes:
         return []
-    return [{"key": key, "value": _value(value)} for key, value in attributes.items()]
+    return [
+        {"key": key, "value": {"stringValue": value} if type(value) is str else _value(value)}
+        for key, value in attributes.items()
+    ]
 
 
 def _flags(parent: SpanContext | None) -> int:

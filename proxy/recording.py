@@ -26,6 +26,7 @@ from proxy import __version__
 from proxy.compare.pair import compare_replies, decode_outputs, predicted_labels
 from proxy.metrics import ProxyMetrics
 from proxy.payloads import PayloadCodec, metadata_attributes
+from proxy.protocols import Outputs
 from proxy.records import BackendOutcome, CallRecord, FeedbackRecord, TraceContext
 from proxy.registry import Registry
 from proxy.settings import Settings
@@ -50,6 +51,8 @@ _SERVER_ERROR_CODES = frozenset(
 Record = CallRecord | BackendOutcome | FeedbackRecord
 # Calls remembered so that feedback sent later can link to the call's trace.
 _RECENT_CALLS = 100_000
+# Production replies whose decoded outputs wait for their shadows (one entry per call).
+_DECODED_REPLIES = 4096
 
 
 def status_code_number(code: grpc.StatusCode) -> int:
@@ -86,6 +89,8 @@ class Recorder:
         """Where per-backend agreement counts go (the admin API lists them)."""
         self._tolerance = settings.tolerance
         self._recent: collections.OrderedDict[str, tuple[int, int]] = collections.OrderedDict()
+        # Production's decoded outputs by trace id, for its shadows' comparisons (bounded).
+        self._decoded: dict[int, tuple[bytes | None, Outputs]] = {}
         provider = telemetry.provider
         # Spans are built directly as finished ReadableSpans and handed to the provider's
         # processors: the SDK's live-span machinery (locks, limits, per-span context
@@ -266,17 +271,35 @@ class Recorder:
         if len(recent) > _RECENT_CALLS:
             recent.popitem(last=False)
 
+    def _remember_outputs(self, outcome: BackendOutcome, outputs: Outputs | None) -> None:
+        # Production's outcome is always queued before its shadows' (the request path sets
+        # production's answer and submits its record in one step, and a shadow's record
+        # waits for that answer), so its shadows find production's decoded outputs here.
+        if outputs is None:
+            return
+        decoded = self._decoded
+        decoded[outcome.trace.trace_id] = (outcome.reply, outputs)
+        if len(decoded) > _DECODED_REPLIES:
+            del decoded[next(iter(decoded))]
+
+    def _production_outputs(self, trace_ctx: TraceContext, reply: bytes | None) -> Outputs | None:
+        known = self._decoded.get(trace_ctx.trace_id)
+        # The same bytes object: production's reply to this very call, decoded once.
+        return known[1] if known is not None and known[0] is reply else None
+
     def _comparison_attributes(self, outcome: BackendOutcome) -> dict[str, Any]:
         """Predicted labels, and for shadows the comparison with production's reply."""
         attributes: dict[str, Any] = {}
         outputs = None
+        production = outcome.production
         if outcome.reply is not None:
             outputs = decode_outputs(outcome.reply, outcome.method)
             labels = predicted_labels(outputs)
             if labels is not None:
                 attributes["shadow.predicted_labels"] = labels
+            if outcome.role == "production" and production is None:
+                self._remember_outputs(outcome, outputs)
         latency_ms = (outcome.end_ns - outcome.start_ns) / 1e6
-        production = outcome.production
         agree: bool | None = None
         max_abs_diff: float | None = None
         if production is not None:
@@ -287,6 +310,8 @@ class Recorder:
                 outcome.code,
                 outcome.reply,
                 self._tolerance,
+                production_outputs=self._production_outputs(outcome.trace, production.reply),
+                other_outputs=outputs,
             )
             comparison.latency_diff_ms = latency_ms - production.latency_ns / 1e6
             attributes.update(comparison.attributes())

@@ -79,12 +79,27 @@ def json_float(value: float, single: bool) -> float | str:
     return ToShortestFloat(value) if single else value
 
 
+def _all_finite(values: list[float]) -> bool:
+    # The sum is finite only when no value is NaN or infinite (an overflowing sum of finite
+    # values only sends the list down the slow path, which gives the same result).
+    total = sum(values)
+    return total - total == 0.0
+
+
 def _contents_dict(contents: predict_pb2.TensorContents) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if contents.fp32_contents:
-        out["fp32_contents"] = [json_float(v, True) for v in contents.fp32_contents]
+        values = list(contents.fp32_contents)
+        out["fp32_contents"] = (
+            [ToShortestFloat(v) for v in values]
+            if _all_finite(values)
+            else [json_float(v, True) for v in values]
+        )
     if contents.fp64_contents:
-        out["fp64_contents"] = [json_float(v, False) for v in contents.fp64_contents]
+        values = list(contents.fp64_contents)
+        out["fp64_contents"] = (
+            values if _all_finite(values) else [json_float(v, False) for v in values]
+        )
     if contents.int64_contents:
         out["int64_contents"] = [str(v) for v in contents.int64_contents]
     if contents.bool_contents:
