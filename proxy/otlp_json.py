@@ -65,9 +65,65 @@ def _value(value: Any) -> dict[str, Any]:
     raise TypeError(f"cannot encode {type(value).__name__} attribute {value!r}")
 
 
-def _attributes(attributes: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+class _EntryCache:
+    """Encoded ``{"key", "value"}`` entries of attributes that repeat from span to span
+    (the method, the backend, a status code, a flag), so they are built once.
+
+    Bounded twice: a key stops being cached after _VALUES_PER_KEY distinct values (a request
+    id or a size never repeats), and at most _KEYS keys are tracked (clients choose metadata
+    keys). One dict per value type: ``("k", True) == ("k", 1)`` in one dict.
+    """
+
+    _VALUES_PER_KEY = 32
+    _KEYS = 1024
+    _LONGEST = 200
+
+    def __init__(self) -> None:
+        self._by_type: dict[type, dict[tuple[str, Any], dict[str, Any]]] = {
+            str: {},
+            int: {},
+            bool: {},
+        }
+        self._distinct: dict[str, int] = {}
+
+    def entries(self, attributes: Mapping[str, Any]) -> list[dict[str, Any]]:
+        by_type = self._by_type
+        out = []
+        for item in attributes.items():
+            cache = by_type.get(type(item[1]))
+            entry = cache.get(item) if cache is not None else None
+            if entry is None:
+                entry = {"key": item[0], "value": _value(item[1])}
+                if cache is not None:
+                    self._remember(cache, item, entry)
+            out.append(entry)
+        return out
+
+    def _remember(
+        self,
+        cache: dict[tuple[str, Any], dict[str, Any]],
+        item: tuple[str, Any],
+        entry: dict[str, Any],
+    ) -> None:
+        if type(item[1]) is str and len(item[1]) > self._LONGEST:
+            return  # a payload or a message: unique, and too big to keep
+        seen = self._distinct.get(item[0])
+        if seen is None:
+            if len(self._distinct) >= self._KEYS:
+                return
+            seen = 0
+        if seen < self._VALUES_PER_KEY:
+            self._distinct[item[0]] = seen + 1
+            cache[item] = entry
+
+
+def _attributes(
+    attributes: Mapping[str, Any] | None, cache: _EntryCache | None = None
+) -> list[dict[str, Any]]:
     if not attributes:
         return []
+    if cache is not None:
+        return cache.entries(attributes)
     return [
         {"key": key, "value": {"stringValue": value} if type(value) is str else _value(value)}
         for key, value in attributes.items()
@@ -78,8 +134,9 @@ def _flags(parent: SpanContext | None) -> int:
     return _HAS_IS_REMOTE | (_IS_REMOTE if parent is not None and parent.is_remote else 0)
 
 
-def encode_span(span: ReadableSpan) -> dict[str, Any]:
-    """One span as OTLP JSON (ids lowercase hex, 64-bit integers as strings)."""
+def encode_span(span: ReadableSpan, cache: _EntryCache | None = None) -> dict[str, Any]:
+    """One span as OTLP JSON (ids lowercase hex, 64-bit integers as strings). The entries
+    of a `cache` are shared between documents: orjson writes them, nobody mutates them."""
     context = span.context
     assert context is not None
     out: dict[str, Any] = {
@@ -95,7 +152,7 @@ def encode_span(span: ReadableSpan) -> dict[str, Any]:
     out["kind"] = _KIND[span.kind]
     out["startTimeUnixNano"] = str(span.start_time)
     out["endTimeUnixNano"] = str(span.end_time)
-    attributes = _attributes(span.attributes)
+    attributes = _attributes(span.attributes, cache)
     if attributes:
         out["attributes"] = attributes
     if span.dropped_attributes:
@@ -104,7 +161,7 @@ def encode_span(span: ReadableSpan) -> dict[str, Any]:
         events = []
         for event in span.events:
             encoded: dict[str, Any] = {"timeUnixNano": str(event.timestamp), "name": event.name}
-            event_attributes = _attributes(event.attributes)
+            event_attributes = _attributes(event.attributes, cache)
             if event_attributes:
                 encoded["attributes"] = event_attributes
             if event.dropped_attributes:
@@ -139,12 +196,20 @@ def encode_span(span: ReadableSpan) -> dict[str, Any]:
     return out
 
 
-def encode_spans(spans: Sequence[ReadableSpan]) -> dict[str, Any]:
+def encode_spans(spans: Sequence[ReadableSpan], cache: _EntryCache | None = None) -> dict[str, Any]:
     """A batch as one ExportTraceServiceRequest document, grouped by resource and scope."""
-    grouped: dict[Any, dict[Any, list[dict[str, Any]]]] = {}
+    # Grouped by identity first: Resource.__hash__ serializes every attribute to JSON, which
+    # per span cost more than encoding the span. Equal resources are merged afterwards.
+    by_identity: dict[tuple[int, int], tuple[Any, Any, list[dict[str, Any]]]] = {}
     for span in spans:
-        by_scope = grouped.setdefault(span.resource, {})
-        by_scope.setdefault(span.instrumentation_scope, []).append(encode_span(span))
+        resource, scope = span.resource, span.instrumentation_scope
+        group = by_identity.get((id(resource), id(scope)))
+        if group is None:
+            group = by_identity[(id(resource), id(scope))] = (resource, scope, [])
+        group[2].append(encode_span(span, cache))
+    grouped: dict[Any, dict[Any, list[dict[str, Any]]]] = {}
+    for resource, scope, encoded_spans in by_identity.values():
+        grouped.setdefault(resource, {}).setdefault(scope, []).extend(encoded_spans)
     resource_spans = []
     for resource, by_scope in grouped.items():
         scope_spans = []
@@ -182,12 +247,14 @@ class JsonLinesSpanExporter(SpanExporter):
         self._file = open(path, "ab")  # noqa: SIM115 - closed in shutdown
         self._lock = threading.Lock()
         self._closed = False
+        # Only export() uses it, and the batch processor calls export() from one thread.
+        self._entries = _EntryCache()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if not spans:
             return SpanExportResult.SUCCESS
         try:
-            line = orjson.dumps(encode_spans(spans)) + b"\n"
+            line = orjson.dumps(encode_spans(spans, self._entries)) + b"\n"
             with self._lock:
                 if self._closed:
                     return SpanExportResult.FAILURE
