@@ -144,12 +144,15 @@ class ShadowWriter:
         shadow.stats.count(code, cancelled_by_proxy=not from_backend)
         view: ProductionView | None = None
         if production is not None:
-            try:
-                # Production answered long ago in most calls; a shadow faster than production
-                # waits here, after its own call, so the comparison has both replies.
-                view = await asyncio.shield(production)
-            except asyncio.CancelledError:
-                view = None
+            if production.done() and not production.cancelled():
+                view = production.result()  # the usual case: production answered first
+            else:
+                try:
+                    # A shadow faster than production waits here, after its own call, so
+                    # the comparison has both replies.
+                    view = await asyncio.shield(production)
+                except asyncio.CancelledError:
+                    view = None
         self._record(
             BackendOutcome(
                 role=shadow.role,
