@@ -94,6 +94,33 @@ def test_nan_equals_nan_but_not_a_number():
     assert result.agree is False and math.isinf(result.max_abs_diff)
 
 
+def test_equal_infinities_agree_and_infinity_against_a_number_differs_infinitely():
+    inf = math.inf
+    same = _compare(_reply(score=np.array([inf, -inf])), _reply(score=np.array([inf, -inf])))
+    assert same.agree is True and same.max_abs_diff == 0.0 and same.mean_abs_diff == 0.0
+    apart = _compare(_reply(score=np.array([inf, 1.0])), _reply(score=np.array([-inf, 1.0])))
+    assert apart.agree is False and apart.max_abs_diff == inf and apart.mean_abs_diff == inf
+    finite = _compare(_reply(score=np.array([inf])), _reply(score=np.array([1e308])))
+    assert finite.agree is False and finite.max_abs_diff == inf
+
+
+def test_small_and_large_outputs_give_the_same_differences():
+    # Up to 64 values are compared in Python floats, more with numpy: one definition.
+    rng = np.random.default_rng(3)
+    specials = [math.nan, math.inf, -math.inf, 0.0, -0.0, 1e308, -1e308]
+    for size in (8, 64, 65, 500):
+        a = rng.normal(size=size)
+        b = a + rng.normal(scale=1e-3, size=size)
+        a[:7], b[:7] = specials, specials[::-1]
+        result = _compare(_reply(score=a), _reply(score=b), tolerance=0.01)
+        small = [
+            _compare(_reply(score=a[i : i + 1]), _reply(score=b[i : i + 1])).max_abs_diff
+            for i in range(size)
+        ]
+        assert result.max_abs_diff == max(small), size
+        assert result.agree is False
+
+
 def test_unknown_method_is_compared_byte_for_byte():
     same = compare_replies("/x.Y/Z", OK, b"abc", OK, b"abc", 0.0)
     assert same.compared and same.agree is True and same.differing_outputs == ()
