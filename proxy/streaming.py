@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -24,7 +23,13 @@ import grpc
 from grpc import aio
 
 from proxy.errors import BackendUnreachable, status_for_unreachable
-from proxy.fanout import REQUEST_ID_KEY, not_serving_details, parse_traceparent, split_metadata
+from proxy.fanout import (
+    REQUEST_ID_KEY,
+    new_request_id,
+    not_serving_details,
+    parse_traceparent,
+    split_metadata,
+)
 from proxy.records import Metadata
 from proxy.registry import Backend, Registry
 from proxy.upstream import came_from_backend
@@ -103,7 +108,7 @@ class StreamRelay:
             context.invocation_metadata() or ()
         )
         if not request_id:
-            request_id = secrets.token_hex(8)
+            request_id = new_request_id()
             forwarded.append((REQUEST_ID_KEY, request_id))
         if traceparent is not None and parse_traceparent(traceparent) is not None:
             forwarded.append(("traceparent", traceparent))
