@@ -90,7 +90,7 @@ class Recorder:
         self._tolerance = settings.tolerance
         self._recent: collections.OrderedDict[str, tuple[int, int]] = collections.OrderedDict()
         # Production's decoded outputs by trace id, for its shadows' comparisons (bounded).
-        self._decoded: dict[int, tuple[bytes | None, Outputs]] = {}
+        self._decoded: dict[int, tuple[bytes | None, Outputs, int]] = {}
         provider = telemetry.provider
         # Spans are built directly as finished ReadableSpans and handed to the provider's
         # processors: the SDK's live-span machinery (locks, limits, per-span context
@@ -206,7 +206,7 @@ class Recorder:
         self._remember(record.request_id, trace_ctx)
         if not self._tracing:
             if record.production is not None:
-                self._record_backend(record.production)
+                self._record_backend(record.production, len(record.shadows_sent))
             return
         parent = None
         trace_state = (
@@ -262,7 +262,7 @@ class Recorder:
             record.start_ns, record.end_ns,
         )  # fmt: skip
         if record.production is not None:
-            self._record_backend(record.production)
+            self._record_backend(record.production, len(record.shadows_sent))
 
     def _remember(self, request_id: str, trace_ctx: TraceContext) -> None:
         recent = self._recent
@@ -271,23 +271,28 @@ class Recorder:
         if len(recent) > _RECENT_CALLS:
             recent.popitem(last=False)
 
-    def _remember_outputs(self, outcome: BackendOutcome, outputs: Outputs | None) -> None:
+    def _remember_outputs(self, outcome: BackendOutcome, outputs: Outputs, copies: int) -> None:
         # Production's outcome is always queued before its shadows' (the request path sets
         # production's answer and submits its record in one step, and a shadow's record
-        # waits for that answer), so its shadows find production's decoded outputs here.
-        if outputs is None:
-            return
+        # waits for that answer), so each of the call's copies finds the decoded outputs
+        # here; the last one to arrive removes them.
         decoded = self._decoded
-        decoded[outcome.trace.trace_id] = (outcome.reply, outputs)
+        decoded[outcome.trace.trace_id] = (outcome.reply, outputs, copies)
         if len(decoded) > _DECODED_REPLIES:
-            del decoded[next(iter(decoded))]
+            del decoded[next(iter(decoded))]  # copies that never came back: forget the oldest
 
     def _production_outputs(self, trace_ctx: TraceContext, reply: bytes | None) -> Outputs | None:
         known = self._decoded.get(trace_ctx.trace_id)
         # The same bytes object: production's reply to this very call, decoded once.
-        return known[1] if known is not None and known[0] is reply else None
+        if known is None or known[0] is not reply:
+            return None
+        if known[2] <= 1:
+            del self._decoded[trace_ctx.trace_id]
+        else:
+            self._decoded[trace_ctx.trace_id] = (known[0], known[1], known[2] - 1)
+        return known[1]
 
-    def _comparison_attributes(self, outcome: BackendOutcome) -> dict[str, Any]:
+    def _comparison_attributes(self, outcome: BackendOutcome, copies: int = 0) -> dict[str, Any]:
         """Predicted labels, and for shadows the comparison with production's reply."""
         attributes: dict[str, Any] = {}
         outputs = None
@@ -297,8 +302,8 @@ class Recorder:
             labels = predicted_labels(outputs)
             if labels is not None:
                 attributes["shadow.predicted_labels"] = labels
-            if outcome.role == "production" and production is None:
-                self._remember_outputs(outcome, outputs)
+            if copies and outputs is not None:
+                self._remember_outputs(outcome, outputs, copies)
         latency_ms = (outcome.end_ns - outcome.start_ns) / 1e6
         agree: bool | None = None
         max_abs_diff: float | None = None
@@ -346,8 +351,9 @@ class Recorder:
             record.received_ns, record.received_ns, links,
         )  # fmt: skip
 
-    def _record_backend(self, outcome: BackendOutcome) -> None:
-        comparison_attributes = self._comparison_attributes(outcome)
+    def _record_backend(self, outcome: BackendOutcome, copies: int = 0) -> None:
+        """``copies``: for production, how many shadow copies of the call were sent."""
+        comparison_attributes = self._comparison_attributes(outcome, copies)
         if not self._tracing:
             return
         trace_ctx: TraceContext = outcome.trace

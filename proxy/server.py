@@ -466,11 +466,13 @@ class ProxyServer:
             await self._server.wait_for_termination()
 
 
-# Python's default (a young-generation collection every 700 net allocations) ran several
-# hundred times a second under load and cost about 7% of the proxy's CPU per request
-# (scripts/bench.py); the request path and the recorder make short-lived objects that
-# reference counting frees, and almost no cycles, so collections can be rarer.
-_GC_THRESHOLDS = (50_000, 20, 100)
+# Python's default collects the young generation every 700 net allocations: several
+# hundred times a second under load, and every full collection walked everything startup
+# built. The request path and the recorder make short-lived objects that reference counting
+# frees and few cycles, so collections can be rarer; not much rarer, since a timed-out
+# shadow call leaves a cycle (its exception and traceback) that only a collection frees.
+# Measured side by side (scripts/bench.py's setup): a few percent of the CPU per request.
+_GC_THRESHOLDS = (10_000, 10, 10)
 
 
 def _tune_garbage_collector() -> None:

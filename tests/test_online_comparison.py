@@ -92,6 +92,9 @@ async def test_shadow_replies_are_compared_with_production_and_counted(model_ser
             )
             assert reply.accepted == ROWS
         assert proxy.recorder.flush()
+        # Production's outputs are decoded once per call and kept only until both copies
+        # (the shadow and the reference) have been compared with them.
+        assert proxy.recorder._decoded == {}
         finished = spans.get_finished_spans()
         points = _metric_points(reader)
     finally:
