@@ -372,3 +372,23 @@ async def test_a_yaml_config_file_starts_the_proxy(
         "production prod",
         "shadow cand",
     ]
+
+
+def test_grpc_io_path_default_and_the_environment_wins():
+    import subprocess
+    import sys
+
+    probe = "import os, proxy.cli; print(os.environ['GRPC_EXPERIMENTS'])"
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
+    default = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert default.stdout.split()[0] == "-event_engine_client,-event_engine_listener"
+    chosen = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**env, "GRPC_EXPERIMENTS": "-event_engine_dns"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert chosen.stdout.split()[0] == "-event_engine_dns"
