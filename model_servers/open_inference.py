@@ -14,7 +14,7 @@ the same ``inference.*`` names in protobuf's default pool), so there is no gener
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from importlib import metadata
 from typing import Any, NoReturn, Protocol
 
@@ -40,6 +40,7 @@ from model_servers.predictor import (
 )
 from proxy.gen.serving_descriptors import FILE_DESCRIPTOR_SET
 from proxy.protocols import open_inference as v2
+from proxy.protocols.serving_pool import message_class
 from proxy.tensors import TensorError
 
 __all__ = [
@@ -70,6 +71,9 @@ _OUTPUTS: dict[str, tuple[str, list[int]]] = {
     LABEL_OUTPUT: ("INT64", [-1]),
     PROBABILITIES_OUTPUT: ("FP32", [-1, 2]),
 }
+
+
+_ModelStreamInferResponse = message_class("inference.ModelStreamInferResponse")
 
 
 class CallGate(Protocol):
@@ -218,7 +222,7 @@ class OpenInferenceServicer:
         self._gate = gate
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
-        """Handlers for the six methods; ModelInfer takes raw bytes, so that ``received``
+        """Handlers for the seven methods; ModelInfer takes raw bytes, so that ``received``
         records them exactly and an undecodable request gets a clear INVALID_ARGUMENT."""
 
         def typed(method: Callable[..., Any], request: Any, response: Any) -> grpc.RpcMethodHandler:
@@ -232,6 +236,11 @@ class OpenInferenceServicer:
             SERVICE,
             {
                 "ModelInfer": grpc.unary_unary_rpc_method_handler(self.model_infer),
+                "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
+                    self.model_stream_infer,
+                    request_deserializer=v2.ModelInferRequest.FromString,
+                    response_serializer=_ModelStreamInferResponse.SerializeToString,
+                ),
                 "ServerLive": typed(self.server_live, v2.ServerLiveRequest, v2.ServerLiveResponse),
                 "ServerReady": typed(
                     self.server_ready, v2.ServerReadyRequest, v2.ServerReadyResponse
@@ -248,6 +257,21 @@ class OpenInferenceServicer:
 
     async def model_infer(self, request_bytes: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return await self._gate.answer(request_bytes, context, self._predictor.infer_bytes)
+
+    async def model_stream_infer(
+        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        """One response per request, in order. A request that cannot be answered gets a
+        response holding only ``error_message`` and the stream goes on, as Triton does.
+        Stream messages are not recorded in ``received`` and get no injected faults."""
+        fallback = dict(context.invocation_metadata() or ()).get("x-request-id", "")
+        async for request in requests:
+            try:
+                response = self._predictor.infer(request, str(fallback))
+            except RequestError as exc:
+                yield _ModelStreamInferResponse(error_message=str(exc))
+            else:
+                yield _ModelStreamInferResponse(infer_response=response)
 
     async def server_live(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return v2.ServerLiveResponse(live=True)

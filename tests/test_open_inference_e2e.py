@@ -150,6 +150,51 @@ async def test_tritonclient_through_the_proxy_equals_production_and_is_compared(
     assert agreed == sum(expected_agree.values())
 
 
+def _triton_stream(address: str, rows: np.ndarray, models: list[str]) -> list[tuple[str, Any]]:
+    """tritonclient's streaming API (blocking): (request id, labels or the error text)."""
+    answers: list[tuple[str, Any]] = []
+
+    def callback(result: Any, error: Any) -> None:
+        if error is not None:
+            answers.append(("error", str(error)))
+        else:
+            answers.append((result.get_response().id, result.as_numpy("label").tolist()))
+
+    client = triton.InferenceServerClient(url=address)
+    try:
+        client.start_stream(callback=callback, stream_timeout=10)
+        for n, (row, model) in enumerate(zip(rows, models, strict=True)):
+            features = triton.InferInput("features", [1, FEATURE_COUNT], "FP64")
+            features.set_data_from_numpy(row.reshape(1, FEATURE_COUNT))
+            client.async_stream_infer(model, [features], request_id=f"s-{n}")
+        client.stop_stream()
+    finally:
+        client.close()
+    return answers
+
+
+async def test_model_stream_infer_through_the_proxy_reaches_production_only(
+    v2_servers, make_proxy
+) -> None:
+    production, candidate = v2_servers
+    proxy, _ = await make_proxy(
+        f"production={production.address}", [f"candidate={candidate.address}"]
+    )
+    features, _ = heldout()
+    rows = features[:6]
+    models = ["breast-cancer"] * 3 + ["no-such-model"] + ["breast-cancer"] * 2
+    answers = await asyncio.to_thread(_triton_stream, proxy.address, rows, models)
+    expected = fitted_model("logreg-v1").predict(rows)[0]
+    # One answer per request, in order; the bad one is answered with an error and the
+    # stream goes on.
+    assert [a[0] for a in answers] == ["s-0", "s-1", "s-2", "error", "s-4", "s-5"]
+    assert "no-such-model" in answers[3][1]
+    for n in (0, 1, 2, 4, 5):
+        assert answers[n][1] == [int(expected[n])]
+    assert proxy.streams.stats.replies == 6
+    assert candidate.calls == 0 and production.calls == 0  # streams are not unary calls
+
+
 async def test_typed_requests_through_the_proxy_get_typed_replies(
     v2_servers, make_proxy, channel_to
 ):
