@@ -132,7 +132,7 @@ class FanOut:
         if not request_id:
             request_id = _request_id_from_body(method, request) or new_request_id()
             forwarded.append((REQUEST_ID_KEY, request_id))
-        trace = _trace_context(incoming_trace, tracestate)
+        trace = trace_context(incoming_trace, tracestate)
         if tracestate is not None and trace.remote_parent_span_id is None:
             # W3C: a tracestate without a valid traceparent belongs to no trace; drop it.
             forwarded = [(k, v) for k, v in forwarded if k != "tracestate"]
@@ -372,7 +372,9 @@ def new_request_id() -> str:
     return f"{random.getrandbits(64):016x}"
 
 
-def _trace_context(traceparent: str | None, tracestate: str | None) -> TraceContext:
+def trace_context(traceparent: str | None, tracestate: str | None) -> TraceContext:
+    """The call's trace ids: the client's trace continued when it sent a valid
+    ``traceparent``, else a new trace; the proxy's own span id either way."""
     parsed = parse_traceparent(traceparent) if traceparent else None
     proxy_span_id = random.getrandbits(64) or 1
     if parsed is None:

@@ -27,7 +27,13 @@ from proxy.compare.pair import compare_replies, decode_outputs, predicted_labels
 from proxy.metrics import ProxyMetrics
 from proxy.payloads import PayloadCodec, metadata_attributes
 from proxy.protocols import Outputs
-from proxy.records import BackendOutcome, CallRecord, FeedbackRecord, TraceContext
+from proxy.records import (
+    BackendOutcome,
+    CallRecord,
+    FeedbackRecord,
+    StreamCounts,
+    TraceContext,
+)
 from proxy.registry import Registry
 from proxy.settings import Settings
 from proxy.telemetry import Telemetry
@@ -62,6 +68,14 @@ def status_code_number(code: grpc.StatusCode) -> int:
 def _rpc_names(method: str) -> tuple[str, str]:
     service, _, name = method.lstrip("/").partition("/")
     return service, name
+
+
+def _stream_attributes(counts: StreamCounts) -> dict[str, Any]:
+    return {
+        "shadow.stream": True,
+        "shadow.stream.requests": counts.requests,
+        "shadow.stream.replies": counts.replies,
+    }
 
 
 def _peer_address(peer: str) -> tuple[str, int] | None:
@@ -228,12 +242,15 @@ class Recorder:
             "rpc.grpc.status_code": status_code_number(record.code),
             "shadow.role": "proxy",
             "shadow.request_id": record.request_id,
-            "shadow.request.size": len(record.request),
             "shadow.production": record.production.name if record.production else "",
             "shadow.sampled": record.shadows_sent,
             "shadow.dropped": record.shadows_dropped,
             "shadow.sampled_out": record.shadows_sampled_out,
         }
+        if record.stream is None:
+            attributes["shadow.request.size"] = len(record.request)
+        else:
+            attributes.update(_stream_attributes(record.stream))
         if self.listen_port:
             attributes["server.port"] = self.listen_port
         peer = _peer_address(record.peer)
@@ -243,7 +260,7 @@ class Recorder:
             metadata_attributes("rpc.grpc.request.metadata", record.metadata, self._redact_metadata)
         )
         events = []
-        if self._record_payloads:
+        if self._record_payloads and record.stream is None:
             events.append(
                 Event(
                     "request",
@@ -375,9 +392,12 @@ class Recorder:
             "shadow.role": outcome.role,
             "shadow.backend": outcome.name,
             "shadow.request_id": outcome.request_id,
-            "shadow.request.size": outcome.request_size,
             "shadow.status_from_backend": outcome.from_backend,
         }
+        if outcome.stream is None:
+            attributes["shadow.request.size"] = outcome.request_size
+        else:
+            attributes.update(_stream_attributes(outcome.stream))
         if outcome.role != "production":
             attributes["shadow.sampled"] = True
         attributes.update(comparison_attributes)

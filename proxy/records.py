@@ -25,6 +25,14 @@ class TraceContext:
         return f"00-{self.trace_id:032x}-{span_id:016x}-{self.trace_flags:02x}"
 
 
+@dataclass(slots=True, frozen=True)
+class StreamCounts:
+    """How many messages a relayed stream carried each way (streams have no one payload)."""
+
+    requests: int
+    replies: int
+
+
 @dataclass(slots=True)
 class BackendOutcome:
     """One call to one backend, production or shadow, as the proxy saw it."""
@@ -50,6 +58,8 @@ class BackendOutcome:
     cancelled) rather than sent by the backend."""
     production: ProductionView | None = None
     """For shadows and references: production's answer to the same request, to compare."""
+    stream: StreamCounts | None = None
+    """Set for a relayed stream (then ``reply`` is None and nothing is compared)."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -81,6 +91,8 @@ class CallRecord:
     shadows_sent: tuple[str, ...] = ()
     shadows_dropped: tuple[str, ...] = ()
     shadows_sampled_out: tuple[str, ...] = ()
+    stream: StreamCounts | None = None
+    """Set for a relayed stream (then ``request`` is empty and no payload is recorded)."""
 
 
 @dataclass(slots=True, frozen=True)

@@ -130,7 +130,7 @@ class ProxyServer:
         self.fanout = FanOut(
             self.registry, self.shadows, self.recorder.submit, self.settings.never_shadowed
         )
-        self.streams = StreamRelay(self.registry, settings.streaming_methods)
+        self.streams = StreamRelay(self.registry, settings.streaming_methods, self.recorder.submit)
         self.feedback = FeedbackServicer(self.recorder.submit)
         self.health = HealthWatcher(self.registry, settings.health_interval, self._set_health)
         self.admin = AdminServicer(self.registry, self.change, settings.admin_token)

@@ -6,17 +6,19 @@ comparable pieces (per request? per sequence? per generated token?) is the model
 business, not the transport's, and a stream copied to a shadow would hold the shadow's
 resources for as long as the client's stream lasts.
 
-Streams are counted (:class:`StreamStats`, the production backend's call counters) and
-logged at DEBUG level; they are not recorded as spans. Production is given the client's
-own ``traceparent`` (there is no proxy span for it to hang under).
+Streams are counted (:class:`StreamStats`, the production backend's call counters), logged
+at DEBUG level and traced like unary calls: a proxy span and a production span, with how
+many messages went each way (``shadow.stream.requests``, ``shadow.stream.replies``) instead
+of payloads. Production gets its span's ``traceparent``, as for unary calls.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
@@ -27,10 +29,10 @@ from proxy.fanout import (
     REQUEST_ID_KEY,
     new_request_id,
     not_serving_details,
-    parse_traceparent,
     split_metadata,
+    trace_context,
 )
-from proxy.records import Metadata
+from proxy.records import BackendOutcome, CallRecord, Metadata, StreamCounts, TraceContext
 from proxy.registry import Backend, Registry
 from proxy.upstream import came_from_backend
 
@@ -76,8 +78,14 @@ class StreamRelay:
     memory stays bounded by gRPC's flow control, however long the stream.
     """
 
-    def __init__(self, registry: Registry, methods: Iterable[str]) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        methods: Iterable[str],
+        record: Callable[[CallRecord], None] = lambda _: None,
+    ) -> None:
         self.registry = registry
+        self._record = record
         names = tuple(methods)
         self._methods = frozenset(n for n in names if not n.endswith("/"))
         self._services = tuple(n for n in names if n.endswith("/"))
@@ -104,17 +112,19 @@ class StreamRelay:
         is for unary calls and does not cut streams); a client cancel cancels it.
         """
         start = time.monotonic()
-        forwarded, request_id, traceparent, tracestate = split_metadata(
-            context.invocation_metadata() or ()
-        )
+        start_ns = time.time_ns()
+        received = tuple(context.invocation_metadata() or ())
+        forwarded, request_id, traceparent, tracestate = split_metadata(received)
         if not request_id:
             request_id = new_request_id()
             forwarded.append((REQUEST_ID_KEY, request_id))
-        if traceparent is not None and parse_traceparent(traceparent) is not None:
-            forwarded.append(("traceparent", traceparent))
-        elif tracestate is not None:
+        trace = trace_context(traceparent, tracestate)
+        if tracestate is not None and trace.remote_parent_span_id is None:
             # W3C: a tracestate without a valid traceparent belongs to no trace; drop it.
             forwarded = [(k, v) for k, v in forwarded if k != "tracestate"]
+        span_id = random.getrandbits(64) or 1
+        forwarded.append(("traceparent", trace.traceparent(span_id)))
+        peer = context.peer()
         request_id_trailer = ((REQUEST_ID_KEY, request_id),)
         # One snapshot per stream: a promotion mid-stream does not move it.
         production = self.registry.snapshot.production
@@ -123,15 +133,19 @@ class StreamRelay:
         if not production.serving:
             self.stats.errors += 1
             self.stats.unreachable += 1
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, not_serving_details(production), request_id_trailer
-            )
+            details = not_serving_details(production)
+            self._submit(
+                method, request_id, trace, start_ns, received, peer, grpc.StatusCode.UNAVAILABLE,
+                details, None, StreamCounts(0, 0),
+            )  # fmt: skip
+            await context.abort(grpc.StatusCode.UNAVAILABLE, details, request_id_trailer)
 
         call: aio.StreamStreamCall = production.upstream.channel.stream_stream(method)(
             metadata=tuple(forwarded), timeout=context.time_remaining()
         )
         production.stats.sent += 1
         production.in_flight += 1
+        prod_start_ns = time.time_ns()
         counts = _Counts()
         pump = asyncio.create_task(_pump(requests, call, counts))
         from_backend = True
@@ -157,6 +171,15 @@ class StreamRelay:
                     method, request_id, start, counts, grpc.StatusCode.CANCELLED, production,
                     client_cancelled=True,
                 )  # fmt: skip
+                streamed = StreamCounts(counts.requests, counts.replies)
+                outcome = _production_outcome(
+                    production, method, request_id, trace, span_id, prod_start_ns,
+                    grpc.StatusCode.CANCELLED, "cancelled by the client", (), False, streamed,
+                )  # fmt: skip
+                self._submit(
+                    method, request_id, trace, start_ns, received, peer,
+                    grpc.StatusCode.CANCELLED, "cancelled by the client", outcome, streamed,
+                )  # fmt: skip
                 raise
             # The call was cancelled under us: the proxy closed production's channel (the
             # backend was removed and its grace ran out).
@@ -169,9 +192,16 @@ class StreamRelay:
         finally:
             pump.cancel()
         self._finish(method, request_id, start, counts, code, production)
+        streamed = StreamCounts(counts.requests, counts.replies)
+        outcome = _production_outcome(
+            production, method, request_id, trace, span_id, prod_start_ns, code, details,
+            trailing, from_backend, streamed,
+        )  # fmt: skip
         if not any(key == REQUEST_ID_KEY for key, _ in trailing):
             trailing = (*trailing, *request_id_trailer)
         if code is grpc.StatusCode.OK:
+            self._submit(method, request_id, trace, start_ns, received, peer, code, details,
+                         outcome, streamed)  # fmt: skip
             context.set_trailing_metadata(trailing)
             return
         if not from_backend:
@@ -181,7 +211,40 @@ class StreamRelay:
                 "production", backend.name, backend.address, code, details
             )
             code, details = status_for_unreachable(code), unreachable.client_details()
+        self._submit(method, request_id, trace, start_ns, received, peer, code, details,
+                     outcome, streamed)  # fmt: skip
         await context.abort(code, details, trailing)
+
+    def _submit(
+        self,
+        method: str,
+        request_id: str,
+        trace: TraceContext,
+        start_ns: int,
+        received: Metadata,
+        peer: str,
+        code: grpc.StatusCode,
+        details: str,
+        production: BackendOutcome | None,
+        counts: StreamCounts,
+    ) -> None:
+        """Hand the stream to the recorder (which never raises into the request path)."""
+        self._record(
+            CallRecord(
+                method=method,
+                request_id=request_id,
+                trace=trace,
+                start_ns=start_ns,
+                end_ns=time.time_ns(),
+                request=b"",
+                metadata=received,
+                peer=peer,
+                code=code,
+                details=details,
+                production=production,
+                stream=counts,
+            )
+        )
 
     def _finish(
         self,
@@ -208,6 +271,39 @@ class StreamRelay:
             method, request_id, production.name, counts.requests, counts.replies, code.name,
             time.monotonic() - start,
         )  # fmt: skip
+
+
+def _production_outcome(
+    production: Backend,
+    method: str,
+    request_id: str,
+    trace: TraceContext,
+    span_id: int,
+    start_ns: int,
+    code: grpc.StatusCode,
+    details: str,
+    trailing: Metadata,
+    from_backend: bool,
+    counts: StreamCounts,
+) -> BackendOutcome:
+    return BackendOutcome(
+        role="production",
+        name=production.settings.name,
+        address=production.settings.address,
+        method=method,
+        request_id=request_id,
+        trace=trace,
+        span_id=span_id,
+        start_ns=start_ns,
+        end_ns=time.time_ns(),
+        code=code,
+        details=details,
+        reply=None,
+        trailing_metadata=trailing,
+        request_size=0,
+        from_backend=from_backend,
+        stream=counts,
+    )
 
 
 async def _pump(

@@ -139,27 +139,44 @@ async def test_every_message_and_reply_is_relayed_in_order_to_production_only(
     assert (stats.streams, stats.requests, stats.replies, stats.errors) == (1, 3, 6, 0)
     prod = proxy.registry.snapshot.production
     assert (prod.stats.sent, prod.stats.ok, prod.in_flight) == (1, 1, 0)
-    # Counted, not recorded: a stream has no one reply to compare.
+    # Traced like a unary call, with message counts instead of payloads; not compared.
     assert proxy.recorder.flush()
-    assert spans.get_finished_spans() == ()
+    finished = {span.name: span for span in spans.get_finished_spans()}
+    assert set(finished) == {f"{SERVICE}/{TALK.rsplit('/', 1)[1]}", "production prod"}
+    for span in finished.values():
+        assert span.attributes["shadow.stream"] is True
+        assert span.attributes["shadow.stream.requests"] == 3
+        assert span.attributes["shadow.stream.replies"] == 6
+        assert span.attributes["shadow.request_id"] == "req-7"
+        assert span.events == ()
+        assert "shadow.compared" not in span.attributes
+    server, client = finished[f"{SERVICE}/{TALK.rsplit('/', 1)[1]}"], finished["production prod"]
+    assert client.parent is not None and client.parent.span_id == server.context.span_id
+    assert production.metadata["traceparent"] == (
+        f"00-{client.context.trace_id:032x}-{client.context.span_id:016x}-01"
+    )
 
 
-async def test_production_gets_the_clients_own_trace_headers(chat, make_proxy, channel_to):
+async def test_production_gets_its_span_in_the_clients_trace(chat, make_proxy, channel_to):
     production = await _start(chat, replies=1)
     proxy, _ = await make_proxy(f"prod={production.address}", streaming_methods=[TALK])
-    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-    for sent, expected in (
-        ((("traceparent", traceparent), ("tracestate", "k=v")), (traceparent, "k=v")),
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    traceparent = f"00-{trace_id}-b7ad6b7169203331-01"
+    for sent, same_trace, tracestate in (
+        ((("traceparent", traceparent), ("tracestate", "k=v")), True, "k=v"),
         # W3C: a tracestate without a valid traceparent belongs to no trace.
-        ((("traceparent", "00-bad"), ("tracestate", "k=v")), (None, None)),
-        ((), (None, None)),
+        ((("traceparent", "00-bad"), ("tracestate", "k=v")), False, None),
+        ((), False, None),
     ):
         call = channel_to(proxy.address).stream_stream(TALK)(metadata=sent, timeout=5)
         await call.write(b"x")
         await call.done_writing()
         assert [reply async for reply in call] == [b"x-1"]
         received = production.metadata
-        assert (received.get("traceparent"), received.get("tracestate")) == expected
+        _, got_trace, span_id, _ = str(received["traceparent"]).split("-")
+        assert (got_trace == trace_id) is same_trace
+        assert span_id != "b7ad6b7169203331"  # the proxy's production span, not the client's
+        assert received.get("tracestate") == tracestate
 
 
 async def test_request_id_is_made_when_the_client_sends_none(chat, make_proxy, channel_to):
@@ -504,3 +521,31 @@ async def test_tritonclient_stream_goes_through_the_proxy_to_production_only(
         assert proxy.streams.stats.replies == 6
     finally:
         await production.stop()
+
+
+async def test_traced_streams_read_back_in_the_report(chat, tmp_path, channel_to) -> None:
+    from proxy.compare.report import build_report, render_text
+    from proxy.otlp_json import JsonLinesSpanExporter
+    from proxy.server import ProxyServer
+    from tests.conftest import proxy_settings
+
+    production = await _start(chat, replies=2)
+    traces = tmp_path / "traces.jsonl"
+    proxy = ProxyServer(
+        proxy_settings(f"prod={production.address}", streaming_methods=[TALK]),
+        span_exporters=[JsonLinesSpanExporter(traces)],
+    )
+    await proxy.start()
+    try:
+        call = channel_to(proxy.address).stream_stream(TALK)(timeout=5)
+        for message in (b"a", b"b"):
+            await call.write(message)
+        await call.done_writing()
+        assert len([reply async for reply in call]) == 4
+        assert proxy.recorder.flush()
+    finally:
+        await proxy.stop()
+    report = build_report(traces)
+    production_row = {b["name"]: b for b in report.to_dict()["backends"]}["prod"]
+    assert production_row["calls"] == 1
+    assert "Talk" in render_text(report)
