@@ -73,6 +73,8 @@ class ProductionStats:
         )
 
 
+_LONGEST_REQUEST_ID = 256
+_HEADER_SAFE = re.compile(r"[\x20-\x7e]*")
 # Method names come from clients; remembering every one would let a client grow memory.
 _MAX_REMEMBERED_METHODS = 1024
 _TRACEPARENT_RE = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
@@ -362,7 +364,13 @@ def _request_id_from_body(method: str, request: bytes) -> str:
     # Reading a known request's id field is the only decoding on the production path, and
     # only when the client sent no x-request-id.
     codec = codec_for(method)
-    return codec.request_id(request) if codec is not None else ""
+    request_id = codec.request_id(request) if codec is not None else ""
+    # The id travels on as x-request-id metadata, which must be printable ASCII and small:
+    # an id that cannot be a header (say "order-ü", or 20k characters) would fail the call
+    # in the proxy's own channel. Such a request gets an id of the proxy's making instead.
+    if len(request_id) > _LONGEST_REQUEST_ID or not _HEADER_SAFE.fullmatch(request_id):
+        return ""
+    return request_id
 
 
 def new_request_id() -> str:

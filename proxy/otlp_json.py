@@ -247,7 +247,8 @@ class JsonLinesSpanExporter(SpanExporter):
         self._file = open(path, "ab")  # noqa: SIM115 - closed in shutdown
         self._lock = threading.Lock()
         self._closed = False
-        # Only export() uses it, and the batch processor calls export() from one thread.
+        # Only export() uses it: from the batch processor's thread, or from force_flush's
+        # caller, which the processor's export lock keeps from running at the same time.
         self._entries = _EntryCache()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:

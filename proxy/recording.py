@@ -13,6 +13,7 @@ import random
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -59,6 +60,19 @@ Record = CallRecord | BackendOutcome | FeedbackRecord
 _RECENT_CALLS = 100_000
 # Production replies whose decoded outputs wait for their shadows (one entry per call).
 _DECODED_REPLIES = 4096
+_DECODED_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class _Decoded:
+    """Production's decoded outputs, waiting for the call's copies to be compared."""
+
+    reply: bytes | None
+    outputs: Outputs
+    copies: int
+    """Copies still to come."""
+    size: int
+    """Bytes the entry keeps alive: the reply and its decoded arrays."""
 
 
 def status_code_number(code: grpc.StatusCode) -> int:
@@ -104,7 +118,8 @@ class Recorder:
         self._tolerance = settings.tolerance
         self._recent: collections.OrderedDict[str, tuple[int, int]] = collections.OrderedDict()
         # Production's decoded outputs by trace id, for its shadows' comparisons (bounded).
-        self._decoded: dict[int, tuple[bytes | None, Outputs, int]] = {}
+        self._decoded: dict[tuple[int, int], _Decoded] = {}
+        self._decoded_bytes = 0
         provider = telemetry.provider
         # Spans are built directly as finished ReadableSpans and handed to the provider's
         # processors: the SDK's live-span machinery (locks, limits, per-span context
@@ -292,22 +307,30 @@ class Recorder:
         # Production's outcome is always queued before its shadows' (the request path sets
         # production's answer and submits its record in one step, and a shadow's record
         # waits for that answer), so each of the call's copies finds the decoded outputs
-        # here; the last one to arrive removes them.
+        # here; the last one to arrive removes them. A copy whose outcome never arrives
+        # (dropped from a full queue) leaves its entry behind: the bounds below evict it.
+        size = len(outcome.reply or b"") + sum(a.nbytes for a in outputs.arrays.values())
+        key = (outcome.trace.trace_id, outcome.trace.proxy_span_id)
         decoded = self._decoded
-        decoded[outcome.trace.trace_id] = (outcome.reply, outputs, copies)
-        if len(decoded) > _DECODED_REPLIES:
-            del decoded[next(iter(decoded))]  # copies that never came back: forget the oldest
+        previous = decoded.pop(key, None)
+        if previous is not None:
+            self._decoded_bytes -= previous.size
+        decoded[key] = _Decoded(outcome.reply, outputs, copies, size)
+        self._decoded_bytes += size
+        while decoded and (len(decoded) > _DECODED_REPLIES or self._decoded_bytes > _DECODED_BYTES):
+            self._decoded_bytes -= decoded.pop(next(iter(decoded))).size
 
     def _production_outputs(self, trace_ctx: TraceContext, reply: bytes | None) -> Outputs | None:
-        known = self._decoded.get(trace_ctx.trace_id)
+        key = (trace_ctx.trace_id, trace_ctx.proxy_span_id)
+        known = self._decoded.get(key)
         # The same bytes object: production's reply to this very call, decoded once.
-        if known is None or known[0] is not reply:
+        if known is None or known.reply is not reply:
             return None
-        if known[2] <= 1:
-            del self._decoded[trace_ctx.trace_id]
-        else:
-            self._decoded[trace_ctx.trace_id] = (known[0], known[1], known[2] - 1)
-        return known[1]
+        known.copies -= 1
+        if known.copies <= 0:
+            del self._decoded[key]
+            self._decoded_bytes -= known.size
+        return known.outputs
 
     def _comparison_attributes(self, outcome: BackendOutcome, copies: int = 0) -> dict[str, Any]:
         """Predicted labels, and for shadows the comparison with production's reply."""

@@ -27,6 +27,7 @@ from proxy.feedback import FEEDBACK_SERVICE, FeedbackServicer
 from proxy.gen import admin_pb2_grpc, feedback_pb2_grpc, predict_pb2
 from proxy.health import HealthWatcher
 from proxy.metrics import ProxyMetrics, build_metrics
+from proxy.protocols import known_codecs
 from proxy.recording import Recorder
 from proxy.reflection import enable_reflection
 from proxy.registry import Registry, RegistryError, Snapshot, replay
@@ -190,6 +191,8 @@ class ProxyServer:
         port = _bind(server, self.settings.listen, "--listen", self._server_credentials())
         self.port = port
         self.recorder.listen_port = port
+        # Build the protocol codecs now (tens of ms of message classes), not on the first call.
+        known_codecs()
         self.recorder.start()
         await server.start()
         self._server = server

@@ -631,10 +631,11 @@ def _method_names(items: Any, key: str, flag: str) -> tuple[str, ...]:
     if [n.lower() for n in names] == ["none"]:
         return ()
     for name in names:
-        service, _, method = name[1:].partition("/")
-        if not name.startswith("/") or not service or "/" in method or " " in name:
+        service = name[1:].partition("/")[0]
+        if not name.startswith("/") or name.count("/") != 2 or not service or " " in name:
             raise ConfigError(
                 f"{flag}: {name!r} is not a gRPC method name; expected "
-                "/package.Service/Method or /package.Service/ (every method of the service)"
+                "/package.Service/Method, or /package.Service/ with the trailing slash for "
+                "every method of the service"
             )
     return tuple(dict.fromkeys(names))

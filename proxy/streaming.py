@@ -189,6 +189,7 @@ class StreamRelay:
             log.exception("relaying the stream %s to production failed", method)
             call.cancel()
             code, details, trailing = grpc.StatusCode.INTERNAL, f"proxy error: {exc}", ()
+            from_backend = False
         finally:
             pump.cancel()
         self._finish(method, request_id, start, counts, code, production)

@@ -154,3 +154,15 @@ def test_attributes_and_predicted_labels():
     assert attributes["shadow.differing_outputs"] == ("label", "probabilities")
     assert predicted_labels(decode_outputs(_reply([1, 0]))) == ("1", "0")
     assert predicted_labels(decode_outputs(_reply(score=np.array([1.0])))) is None
+
+
+def test_integer_outputs_give_float_differences_on_both_paths():
+    # Span attributes keep one type per key, and OTLP cannot carry ints beyond int64.
+    for size in (1, 100):
+        small = _compare(
+            _reply(score=np.zeros(size, dtype=np.int64)),
+            _reply(score=np.ones(size, dtype=np.int64)),
+        )
+        assert type(small.max_abs_diff) is float and small.max_abs_diff == 1.0
+    flags = _compare(_reply(flag=np.array([True])), _reply(flag=np.array([False])))
+    assert type(flags.max_abs_diff) is float and flags.max_abs_diff == 1.0

@@ -151,6 +151,26 @@ async def test_request_id_from_metadata_body_or_generated(backends, make_proxy, 
     assert [r.metadata["x-request-id"] for r in production.received] == ids
 
 
+async def test_a_body_id_that_cannot_be_a_header_is_replaced(backends, make_proxy, channel_to):
+    production = await backends()
+    proxy, _ = await make_proxy(f"prod={production.address}")
+    channel = channel_to(proxy.address)
+    for body_id, kept in (
+        ("order-1234", True),
+        ("order-ü", False),  # metadata values must be printable ASCII
+        ("line\nbreak", False),
+        ("x" * 300, False),  # too long to carry on every call
+    ):
+        body = predict_pb2.PredictRequest(request_id=body_id).SerializeToString()
+        call = channel.unary_unary(PREDICT)(body)
+        assert await call == body  # the call itself goes through untouched
+        sent = dict(tuple(await call.trailing_metadata()))["x-request-id"]
+        assert (sent == body_id) is kept
+        if not kept:
+            assert len(sent) == 16
+        assert production.received[-1].metadata["x-request-id"] == sent
+
+
 async def test_metadata_forwarded_minus_hop_by_hop_and_shadows_marked(
     backends, make_proxy, channel_to
 ):

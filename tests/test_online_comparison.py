@@ -6,6 +6,7 @@ import asyncio
 import urllib.request
 
 import grpc
+import numpy as np
 import pytest
 from grpc import aio
 from opentelemetry.exporter.otlp.json.file import FileSpanExporter
@@ -263,3 +264,51 @@ async def test_prometheus_endpoint_serves_the_metrics(backends):
     assert samples[("shadow_proxy_backend_calls_total", "prod", "OK")] == 3
     assert samples[("shadow_proxy_shadow_dropped_total", "cand", None)] == 2
     assert samples[("shadow_proxy_recorder_dropped_total", None, None)] == 0
+
+
+def test_production_outputs_wait_for_each_copy_and_stay_bounded(monkeypatch) -> None:
+    from proxy.recording import Recorder
+    from proxy.telemetry import build_telemetry
+
+    settings = proxy_settings("prod=127.0.0.1:1")
+    telemetry = build_telemetry(settings, [InMemorySpanExporter()])
+    recorder = Recorder(settings, telemetry)
+    try:
+        _check_decoded_outputs(recorder, monkeypatch)
+    finally:
+        telemetry.shutdown()
+
+
+def _check_decoded_outputs(recorder, monkeypatch) -> None:
+    from proxy import recording
+    from proxy.protocols import Outputs
+    from proxy.records import BackendOutcome, TraceContext
+
+    def outcome(n: int, reply: bytes) -> BackendOutcome:
+        trace = TraceContext(7, n + 1, 1, None)  # one client trace, many calls
+        return BackendOutcome(
+            "production", "prod", "127.0.0.1:1", PREDICT, f"r{n}", trace, n + 100, 0, 1,
+            grpc.StatusCode.OK, "", reply, (), 0,
+        )  # fmt: skip
+
+    outputs = Outputs({"score": np.zeros(1000)}, frozenset({"score"}))  # 8000 bytes
+    first, second = outcome(0, b"a" * 10), outcome(1, b"b" * 10)
+    recorder._remember_outputs(first, outputs, copies=2)
+    recorder._remember_outputs(second, outputs, copies=1)
+    # Calls of one client trace do not share an entry; another reply's bytes never match.
+    assert recorder._production_outputs(first.trace, b"a" * 10) is None
+    assert recorder._production_outputs(first.trace, first.reply) is outputs
+    assert recorder._production_outputs(second.trace, second.reply) is outputs
+    assert recorder._production_outputs(first.trace, first.reply) is outputs
+    assert recorder._decoded == {} and recorder._decoded_bytes == 0
+
+    # Copies that never come back (dropped from a full queue) are evicted, oldest first.
+    monkeypatch.setattr(recording, "_DECODED_BYTES", 5 * 8010)
+    for n in range(20):
+        recorder._remember_outputs(outcome(n, b"r" * 10), outputs, copies=1)
+    assert len(recorder._decoded) == 5 and recorder._decoded_bytes == 5 * 8010
+    assert min(key[1] for key in recorder._decoded) == 16  # calls 15..19 remain
+    monkeypatch.setattr(recording, "_DECODED_BYTES", 1 << 40)
+    monkeypatch.setattr(recording, "_DECODED_REPLIES", 3)
+    recorder._remember_outputs(outcome(50, b"r" * 10), outputs, copies=1)
+    assert len(recorder._decoded) == 3

@@ -123,7 +123,15 @@ def _compare_outputs(ours: Outputs, theirs: Outputs, tolerance: float) -> Compar
                 continue
             if a.size <= _SMALL:
                 # A label and a few probabilities: Python floats beat a dozen numpy calls.
-                diffs = list(map(_abs_diff, a.ravel().tolist(), b.ravel().tolist()))
+                # Both paths compare in float64, so ints give float differences (and int64
+                # beyond 2**53 compares as the numpy path does).
+                diffs = list(
+                    map(
+                        _abs_diff,
+                        a.ravel().astype(np.float64).tolist(),
+                        b.ravel().astype(np.float64).tolist(),
+                    )
+                )
                 most, added = max(diffs), math.fsum(diffs)
             else:
                 diff = _abs_diffs(a, b)
