@@ -393,8 +393,15 @@ def test_datatype_of_numpy_dtypes() -> None:
         (b"\x01\x00\x00\x00a", "BYTES", [2], "holds 1 elements, the shape needs 2"),
         (b"\x00\x00\x00\x00" * 3, "BYTES", [2], "holds 3 elements"),
         # A shape far larger than the data fails before anything of its size is allocated.
-        (b"\x00\x00\x00\x00", "BYTES", [2**20, 2**20, 2**20], "the shape needs"),
-        (b"\x00" * 4, "FP64", [2**40, 2**20], "raw bytes, got 4"),
+        (b"\x00\x00\x00\x00", "BYTES", [2**20, 2**20, 2**19], "the shape needs"),
+        (b"\x00" * 4, "FP64", [2**30, 2**20], "raw bytes, got 4"),
+        # Shapes no numpy array can have, empty ones included: TensorError, not numpy's
+        # ValueError.
+        (b"\x00" * 4, "FP64", [2**40, 2**20], "too large for an array"),
+        (b"", "FP32", [0, 2**62, 2**62], "too large for an array"),
+        (b"", "BYTES", [2**62, 2**62, 0], "too large for an array"),
+        (b"", "BOOL", [0, 2**64], "too large for an array"),
+        (b"\x00" * 4, "FP32", [1] * 33, "33 dimensions"),
     ],
 )
 def test_decode_raw_rejects_bad_data(
@@ -442,6 +449,21 @@ def test_typed_contents_that_do_not_fit_are_rejected() -> None:
     half = oi.ModelInferRequest.InferInputTensor(name="t", datatype="BF16", shape=[1])
     with pytest.raises(TensorError, match="only raw"):
         oi.decode_contents(half)
+    for datatype in ("FP16", "FP32", "BYTES"):
+        empty = oi.ModelInferRequest.InferInputTensor(
+            name="t", datatype=datatype, shape=[0, 2**62, 2**62]
+        )
+        with pytest.raises(TensorError, match="too large for an array"):
+            oi.decode_contents(empty)
+
+
+def test_a_shape_no_array_can_have_is_refused_naming_the_tensor() -> None:
+    request = oi.ModelInferRequest()
+    oi.add_input(request, "fine", [1.0], "FP32", raw=True)
+    request.inputs.add(name="empty", datatype="FP32", shape=[0, 2**62, 2**62])
+    request.raw_input_contents.append(b"")
+    with pytest.raises(TensorError, match=r"tensor 'empty': shape .* too large for an array"):
+        oi.request_inputs(request)
 
 
 def test_a_message_holds_every_tensor_raw_or_none() -> None:
@@ -608,6 +630,87 @@ def test_undecodable_raw_tensor_is_shown_under_its_contents_and_still_redacted()
     )
     assert "abc" not in attributes["payload"] and "YWJj" not in attributes["payload"]
     assert "stray" not in attributes["payload"]
+
+
+@pytest.mark.parametrize("raw", [True, False], ids=["raw", "typed"])
+def test_a_tensor_no_array_can_hold_loses_only_its_own_contents(raw: bool) -> None:
+    reply = oi.ModelInferResponse()
+    oi.add_output(reply, "score", np.array([0.5], np.float32), "FP32", raw=raw)
+    reply.outputs.add(name="empty", datatype="FP32", shape=[0, 2**62, 2**62])
+    if raw:
+        reply.raw_output_contents.append(b"")
+    payload = oi.ModelInferCodec().payload(reply.SerializeToString(), reply=True)
+    assert payload is not None
+    score, empty = payload["outputs"]
+    assert score["contents"] == {"fp32_contents": [0.5]} and "error" not in score
+    assert empty["error"] == f"shape {[0, 2**62, 2**62]} is too large for an array"
+    assert empty["shape"] == [0, 2**62, 2**62]
+    assert oi.ModelInferCodec().outputs(reply.SerializeToString()) is None
+
+
+def test_a_typed_tensor_that_does_not_decode_keeps_its_values_and_gets_an_error() -> None:
+    request = oi.ModelInferRequest()
+    unknown = request.inputs.add(name="unknown", datatype="FP33", shape=[1])
+    unknown.contents.fp32_contents.append(1.5)
+    short = request.inputs.add(name="short", datatype="FP32", shape=[3])
+    short.contents.fp32_contents.extend([1.0, 2.0])
+    wide = request.inputs.add(name="wide", datatype="UINT8", shape=[1])
+    wide.contents.uint_contents.append(256)
+    request.inputs.add(name="absent", datatype="INT32", shape=[2])
+    oi.add_input(request, "fine", [1, 2], "INT32", raw=False)
+    payload = oi.ModelInferCodec().payload(request.SerializeToString(), reply=False)
+    assert payload is not None
+    inputs = {tensor["name"]: tensor for tensor in payload["inputs"]}
+    assert inputs["unknown"]["contents"] == {"fp32_contents": [1.5]}
+    assert inputs["unknown"]["error"].startswith("unknown datatype 'FP33'")
+    assert inputs["short"]["contents"] == {"fp32_contents": [1.0, 2.0]}
+    assert inputs["short"]["error"] == (
+        "FP32 tensor of shape [3] needs 3 fp32_contents values, has 2"
+    )
+    assert inputs["wide"]["contents"] == {"uint_contents": [256]}
+    assert inputs["wide"]["error"] == "uint_contents holds values out of range of UINT8"
+    assert "contents" not in inputs["absent"]
+    assert (
+        inputs["absent"]["error"] == "INT32 tensor of shape [2] needs 2 int_contents values, has 0"
+    )
+    assert inputs["fine"] == {
+        "name": "fine",
+        "datatype": "INT32",
+        "shape": [2],
+        "contents": {"int_contents": [1, 2]},
+    }
+
+
+def test_a_tensor_that_fails_to_decode_for_any_reason_keeps_the_payload(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    decode_raw, decode_contents = oi.decode_raw, oi.decode_contents
+
+    def raw_failing_on_fp64(data: bytes, datatype: str, shape: Any) -> Any:
+        if datatype == "FP64":
+            raise RuntimeError("a bug")
+        return decode_raw(data, datatype, shape)
+
+    def typed_failing_on_fp64(tensor: Any) -> Any:
+        if tensor.datatype == "FP64":
+            raise RuntimeError("a bug")
+        return decode_contents(tensor)
+
+    monkeypatch.setattr(oi, "decode_raw", raw_failing_on_fp64)
+    monkeypatch.setattr(oi, "decode_contents", typed_failing_on_fp64)
+    for raw in (True, False):
+        reply = oi.ModelInferResponse()
+        oi.add_output(reply, "a", [0.5], "FP64", raw=raw)
+        oi.add_output(reply, "b", [0.5], "FP32", raw=raw)
+        payload = oi.ModelInferCodec().payload(reply.SerializeToString(), reply=True)
+        assert payload is not None
+        a, b = payload["outputs"]
+        assert a["error"] == "RuntimeError: a bug"
+        if raw:
+            assert base64.b64decode(a["contents"]["undecodable"]) == struct.pack("<d", 0.5)
+        else:
+            assert a["contents"] == {"fp64_contents": [0.5]}
+        assert b["contents"] == {"fp32_contents": [0.5]} and "error" not in b
 
 
 @pytest.mark.parametrize("data", [b"\xff\xff\xff", b"\x0a\x05ab", b"\x1a\x02\xff\xfe"])

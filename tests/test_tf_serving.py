@@ -11,12 +11,15 @@ import numpy as np
 import pytest
 from grpc import aio
 
+from proxy.compare.pair import compare_replies
 from proxy.protocols import REDACTED, codec_for, redact_named_tensors
 from proxy.protocols import tf_serving as tf
 from proxy.protocols.predict_v1 import json_float
 from proxy.tensors import TensorError
 from tests.backends import wait_for
 from tests.tf_serving_backend import CLASSES, MODEL, VERSION, TfServingBackend, linear_model
+
+OK = grpc.StatusCode.OK
 
 # ------------------------------------------------------------------------ wire format
 
@@ -208,6 +211,11 @@ def _tensor(dtype: int, shape: tuple[int, ...], **fields: Any) -> Any:
         (_tensor(tf.DT_COMPLEX64, (1,), scomplex_val=[1.0, 2.0, 3.0]), "odd number"),
         (_tensor(tf.DT_STRING, (2,), tensor_content=b"\x01\x01ab c"), "bytes of data"),
         (_tensor(tf.DT_STRING, (2,), tensor_content=b"\x01"), "length prefix"),
+        # Empty, yet no numpy array has this shape: TensorError, not numpy's ValueError.
+        (_tensor(tf.DT_FLOAT, (0, 2**62, 2**62)), "too large for an array"),
+        (_tensor(tf.DT_STRING, (2**62, 0, 2**62)), "too large for an array"),
+        (_tensor(tf.DT_COMPLEX128, (0, 2**59)), "too large for an array"),
+        (_tensor(tf.DT_FLOAT, (1,) * 33, float_val=[1.0]), "33 dimensions"),
     ],
     ids=[
         "invalid",
@@ -218,6 +226,10 @@ def _tensor(dtype: int, shape: tuple[int, ...], **fields: Any) -> Any:
         "odd-complex",
         "str-size",
         "varint",
+        "empty-huge",
+        "empty-huge-strings",
+        "empty-huge-complex",
+        "rank",
     ],
 )
 def test_bad_tensors_raise_tensor_error(tensor: Any, message: str) -> None:
@@ -340,6 +352,71 @@ def test_outputs_are_arrays_and_strings_are_not_numeric() -> None:
     assert outputs.arrays["label"].tolist() == labels.tolist()
     # Complex outputs compare as (real, imaginary) pairs.
     assert outputs.arrays["z"].tolist() == [[1.0, 2.0]]
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
+def test_a_complex_scalar_compares_part_by_part_typed_or_raw(dtype: Any) -> None:
+    def reply(value: complex, raw: bool) -> bytes:
+        message: Any = tf.PredictResponse()
+        message.outputs["z"].CopyFrom(tf.array_to_tensor(np.array(value, dtype), raw=raw))
+        return bytes(message.SerializeToString())
+
+    for raw in (False, True):
+        outputs = tf.PredictCodec().outputs(reply(1 + 2j, raw))
+        assert outputs is not None and outputs.numeric == frozenset({"z"})
+        assert outputs.arrays["z"].shape == (2,)
+        assert outputs.arrays["z"].tolist() == [1.0, 2.0]
+    same = compare_replies(tf.PREDICT, OK, reply(1 + 2j, False), OK, reply(1 + 2j, True), 0.0)
+    assert same.compared and same.agree is True and same.max_abs_diff == 0.0
+    close = compare_replies(tf.PREDICT, OK, reply(1 + 2j, True), OK, reply(1.25 + 1.5j, False), 0.6)
+    assert close.agree is True and close.max_abs_diff == 0.5
+    far = compare_replies(tf.PREDICT, OK, reply(1 + 2j, True), OK, reply(1 + 3j, False), 0.6)
+    assert far.agree is False and far.differing_outputs == ("z",)
+
+
+def test_a_tensor_no_array_can_hold_loses_only_its_own_contents() -> None:
+    request = _request(x=(np.array([1.0, 2.0], np.float32), True))
+    request.inputs["empty"].CopyFrom(_tensor(tf.DT_FLOAT, (0, 2**62, 2**62)))
+    payload = tf.PredictCodec().payload(request.SerializeToString(), reply=False)
+    assert payload is not None
+    assert payload["inputs"] == [
+        {
+            "name": "empty",
+            "dtype": "DT_FLOAT",
+            "shape": [0, 2**62, 2**62],
+            "error": f"tensor shape {[0, 2**62, 2**62]} is too large for an array",
+        },
+        {"name": "x", "dtype": "DT_FLOAT", "shape": [2], "contents": [1.0, 2.0]},
+    ]
+    reply: Any = tf.PredictResponse()
+    reply.outputs["empty"].CopyFrom(_tensor(tf.DT_FLOAT, (0, 2**62, 2**62)))
+    assert tf.PredictCodec().outputs(reply.SerializeToString()) is None
+
+
+def test_a_tensor_that_fails_to_decode_for_any_reason_keeps_the_payload(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    decode = tf.tensor_to_array
+
+    def failing_on_doubles(tensor: Any) -> np.ndarray[Any, Any]:
+        if tensor.dtype == tf.DT_DOUBLE:
+            raise RuntimeError("a bug")
+        return decode(tensor)
+
+    monkeypatch.setattr(tf, "tensor_to_array", failing_on_doubles)
+    request = _request(a=(np.array([0.5]), False), b=(np.array(["hi"], dtype=object), True))
+    payload = tf.PredictCodec().payload(request.SerializeToString(), reply=False)
+    assert payload is not None
+    assert payload["inputs"] == [
+        {"name": "a", "dtype": "DT_DOUBLE", "shape": [1], "error": "RuntimeError: a bug"},
+        {
+            "name": "b",
+            "dtype": "DT_STRING",
+            "shape": [1],
+            "encoding": "utf-8",
+            "contents": ["hi"],
+        },
+    ]
 
 
 # ------------------------------------------------------------------ through the proxy

@@ -16,7 +16,9 @@ Payloads (span events) follow the protocol's field names, with two readability c
 raw contents are decoded and shown under ``contents`` as the typed list of their datatype
 (``fp16_contents`` and ``bf16_contents`` for the two without one), the tensor marked
 ``"raw": true``; and a BYTES element is a JSON string when it is valid UTF-8, else
-``{"base64": "..."}``. Integers are JSON numbers (as in the protocol's REST form).
+``{"base64": "..."}``. Integers are JSON numbers (as in the protocol's REST form). A
+tensor that does not decode gets an ``"error"`` and keeps its contents as sent: a typed
+one its lists, a raw one its bytes in base64 under ``contents.undecodable``.
 """
 
 from __future__ import annotations
@@ -169,10 +171,23 @@ def _layout_of(datatype: str) -> _Layout:
     return layout
 
 
+# numpy builds no array of more dimensions than this (32 before numpy 2, 64 since), nor
+# one whose dimensions, zeros left out, multiply past what it can address: even an empty
+# tensor of shape [0, 2**62, 2**62] is refused. The widest element decoded is 8 bytes.
+_MAX_RANK = 32
+_MAX_ELEMENTS = np.iinfo(np.intp).max // 8
+
+
 def _element_count(shape: Iterable[int]) -> tuple[list[int], int]:
+    """The dimensions of `shape` and their element count; TensorError for a shape that no
+    numpy array can have, so that decoding never meets numpy's own ValueError."""
     dims = [int(dim) for dim in shape]
+    if len(dims) > _MAX_RANK:
+        raise TensorError(f"shape of {len(dims)} dimensions; at most {_MAX_RANK} are decoded")
     if any(dim < 0 for dim in dims):
         raise TensorError(f"shape {dims} has a negative dimension")
+    if math.prod(dim for dim in dims if dim) > _MAX_ELEMENTS:
+        raise TensorError(f"shape {dims} is too large for an array")
     return dims, math.prod(dims)
 
 
@@ -258,13 +273,15 @@ def encode_raw(array: Any, datatype: str) -> bytes:
 
 def decode_raw(data: bytes, datatype: str, shape: Iterable[int]) -> np.ndarray[Any, Any]:
     """A raw tensor as a numpy array of `shape`. BYTES decodes to an object array of bytes,
-    BF16 to float32. Raises TensorError when the size does not match the shape, or a BYTES
-    element is truncated."""
+    BF16 to float32. Raises TensorError for an unknown datatype, a shape no array can have,
+    a size that does not match the shape, or a truncated BYTES element."""
     layout = _layout_of(datatype)
     dims, count = _element_count(shape)
     data = bytes(data)
     if layout.wire is None:
-        elements = _split_bytes(data, count)  # checks the count before anything is allocated
+        # _split_bytes parses what the data holds and checks its count against the shape's,
+        # so an array of `count` elements is allocated only when the data has them all.
+        elements = _split_bytes(data, count)
         flat = np.empty(count, dtype=object)
         flat[:] = elements
         return flat.reshape(dims)
@@ -326,8 +343,8 @@ def set_contents(contents: Any, array: Any, datatype: str) -> None:
 
 def decode_contents(tensor: Any) -> np.ndarray[Any, Any]:
     """A typed tensor (an input or output tensor message) as a numpy array of its shape.
-    Raises TensorError for an unknown datatype, a count that does not fit the shape, or
-    values out of the datatype's range."""
+    Raises TensorError for an unknown datatype, a shape no array can have, a count that
+    does not fit the shape, or values out of the datatype's range."""
     layout = _layout_of(tensor.datatype)
     dims, count = _element_count(tensor.shape)
     if layout.field is None or layout.field_dtype is None:
@@ -497,17 +514,27 @@ def _tensor_json(tensor: Any, raw: bytes | None) -> dict[str, Any]:
             array = decode_raw(raw, tensor.datatype, tensor.shape)
             field = _layout_of(tensor.datatype).payload_field
             out["contents"] = {field: _array_json(array, tensor.datatype)}
-        except TensorError as exc:
+        except Exception as exc:  # whatever the cause, only this tensor loses its values
             # Kept under "contents" so that redacting the tensor's name still hides it.
             out["contents"] = {"undecodable": base64.b64encode(raw).decode("ascii")}
-            out["error"] = str(exc)
-    elif tensor.HasField("contents"):
+            out["error"] = _error_text(exc)
+        return out
+    if tensor.HasField("contents"):
+        # The values as sent, whichever lists they are in, even when they do not decode.
         out["contents"] = {
             field: convert(getattr(tensor.contents, field))
             for field, convert in _TYPED_JSON.items()
             if getattr(tensor.contents, field)
         }
+    try:
+        decode_contents(tensor)
+    except Exception as exc:
+        out["error"] = _error_text(exc)
     return out
+
+
+def _error_text(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, TensorError) else f"{type(exc).__name__}: {exc}"
 
 
 def infer_json(message: Any) -> dict[str, Any]:

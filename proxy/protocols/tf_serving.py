@@ -149,6 +149,11 @@ _COMPLEX = frozenset({DT_COMPLEX64, DT_COMPLEX128})
 # Padding a few typed values out to a huge shape would allocate it all in the recorder;
 # a tensor that asks for more than this beyond the values it carries is not decoded.
 _MAX_PADDED_ELEMENTS = 1 << 22
+# numpy builds no array of more dimensions than this (32 before numpy 2, 64 since), nor
+# one whose dimensions, zeros left out, multiply past what it can address: even an empty
+# tensor of shape [0, 2**62, 2**62] is refused. The widest element decoded is complex128.
+_MAX_RANK = 32
+_MAX_ELEMENTS = np.iinfo(np.intp).max // 16
 
 
 def data_type_name(dtype: int) -> str:
@@ -162,15 +167,22 @@ def data_type_name(dtype: int) -> str:
 
 def tensor_shape(tensor: Message) -> tuple[int, ...]:
     """The shape of a TensorProto (a scalar when it has none); TensorError when the rank
-    is unknown or a dimension is negative, which no tensor with values can have."""
+    is unknown or a dimension is negative, which no tensor with values can have, or when
+    no numpy array can have the shape (over 32 dimensions, or too many elements)."""
     t: Any = tensor
     if not t.HasField("tensor_shape"):
         return ()
     if t.tensor_shape.unknown_rank:
         raise TensorError("tensor has an unknown rank")
+    if len(t.tensor_shape.dim) > _MAX_RANK:
+        raise TensorError(
+            f"tensor has {len(t.tensor_shape.dim)} dimensions; at most {_MAX_RANK} are decoded"
+        )
     shape = tuple(int(dim.size) for dim in t.tensor_shape.dim)
     if any(size < 0 for size in shape):
         raise TensorError(f"tensor has a negative dimension in shape {list(shape)}")
+    if math.prod(size for size in shape if size) > _MAX_ELEMENTS:
+        raise TensorError(f"tensor shape {list(shape)} is too large for an array")
     return shape
 
 
@@ -427,7 +439,8 @@ class PredictCodec(MethodCodec):
             for name, tensor in message.outputs.items():
                 array = tensor_to_array(tensor)
                 if tensor.dtype in _COMPLEX:
-                    array = array.view(array.real.dtype).reshape((*array.shape, 2))
+                    # np.stack, not a view: numpy cannot view a scalar as two floats.
+                    array = np.stack((array.real, array.imag), axis=-1)
                 arrays[name] = array
             numeric = frozenset(
                 name for name, tensor in message.outputs.items() if tensor.dtype != DT_STRING
@@ -501,15 +514,20 @@ def _tensor_list(tensors: Any) -> list[dict[str, Any]]:
 def _tensor_dict(name: str, tensor: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"name": name, "dtype": _dtype_json(tensor.dtype)}
     out["shape"] = _shape_json(tensor.tensor_shape) if tensor.HasField("tensor_shape") else []
+    encoding: str | None = None
+    contents: list[Any]
     try:
         array = tensor_to_array(tensor)
-    except TensorError as exc:
-        out["error"] = str(exc)
+        if tensor.dtype == DT_STRING:
+            encoding, contents = _strings_json(array.ravel().tolist())
+        else:
+            contents = _values_json(array.ravel())
+    except Exception as exc:  # whatever the cause, only this tensor loses its contents
+        out["error"] = str(exc) if isinstance(exc, TensorError) else f"{type(exc).__name__}: {exc}"
         return out
-    if tensor.dtype == DT_STRING:
-        out["encoding"], out["contents"] = _strings_json(array.ravel().tolist())
-    else:
-        out["contents"] = _values_json(array.ravel())
+    if encoding is not None:
+        out["encoding"] = encoding
+    out["contents"] = contents
     return out
 
 
