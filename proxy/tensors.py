@@ -9,7 +9,14 @@ import numpy as np
 
 from proxy.gen import predict_pb2
 
-__all__ = ["TensorError", "dtype_name", "from_tensor", "to_tensor"]
+__all__ = [
+    "TensorError",
+    "bfloat16_bits",
+    "dtype_name",
+    "from_bfloat16_bits",
+    "from_tensor",
+    "to_tensor",
+]
 
 _FP32 = predict_pb2.DATA_TYPE_FP32
 _FP64 = predict_pb2.DATA_TYPE_FP64
@@ -155,3 +162,24 @@ def _encode_bytes(name: str, elements: list[Any]) -> list[bytes]:
                 f"got {type(element).__name__}"
             )
     return encoded
+
+
+# bfloat16 (the Open Inference Protocol's BF16, TensorFlow's DT_BFLOAT16) is the upper half
+# of a float32; numpy has no such dtype, so both protocols carry it as 16-bit patterns.
+
+
+def bfloat16_bits(values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Values (converted to float32) as little-endian bfloat16 bit patterns, rounded to
+    nearest with ties to even; a NaN stays a NaN (quiet, same sign)."""
+    single = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    bits = single.view(np.uint32).astype(np.uint64)
+    # Add just under half an ulp of bf16, plus the lowest kept bit; NaNs would round into
+    # infinities, so they keep their top bits instead, made quiet.
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    nan = (bits >> 16 | 0x0040) & 0xFFFF
+    return np.where(np.isnan(single), nan, rounded).astype("<u2")
+
+
+def from_bfloat16_bits(bits: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """bfloat16 bit patterns as float32 values (exact: every bfloat16 is a float32)."""
+    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)

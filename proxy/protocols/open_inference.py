@@ -35,7 +35,7 @@ from google.protobuf import json_format
 
 from proxy.protocols import MethodCodec, Outputs, serving_pool
 from proxy.protocols.predict_v1 import json_float
-from proxy.tensors import TensorError
+from proxy.tensors import TensorError, bfloat16_bits, from_bfloat16_bits
 
 __all__ = [
     "CODECS",
@@ -239,17 +239,6 @@ def _bytes_elements(values: np.ndarray[Any, Any]) -> list[bytes]:
     return elements
 
 
-def _bf16_bits(values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    single = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-    bits = single.view(np.uint32).astype(np.uint64)
-    # Round to nearest, ties to even: add just under half an ulp of bf16, plus the lowest
-    # kept bit. NaNs would round into infinities, so they keep their top bits, made quiet.
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-    nan = np.isnan(single)
-    rounded[nan] = ((bits[nan] >> 16) | 0x0040).astype(np.uint16)
-    return rounded
-
-
 # ---------------------------------------------------------------------------- raw form
 
 
@@ -266,7 +255,7 @@ def encode_raw(array: Any, datatype: str) -> bytes:
             parts += (struct.pack("<I", len(element)), element)
         return b"".join(parts)
     if datatype == "BF16":
-        return _bf16_bits(_cast(values, datatype, np.dtype(np.float32))).astype("<u2").tobytes()
+        return bfloat16_bits(_cast(values, datatype, np.dtype(np.float32))).tobytes()
     assert layout.wire is not None
     return np.ascontiguousarray(_cast(values, datatype, layout.dtype), dtype=layout.wire).tobytes()
 
@@ -292,7 +281,7 @@ def decode_raw(data: bytes, datatype: str, shape: Iterable[int]) -> np.ndarray[A
         )
     wire = np.frombuffer(data, dtype=layout.wire)
     if datatype == "BF16":
-        flat = (wire.astype(np.uint32) << 16).view(np.float32)
+        flat = from_bfloat16_bits(wire)
     elif datatype == "BOOL":
         flat = wire != 0
     else:

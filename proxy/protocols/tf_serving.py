@@ -27,7 +27,7 @@ from google.protobuf.message import Message
 
 from proxy.protocols import MethodCodec, Outputs, serving_pool
 from proxy.protocols.predict_v1 import json_float
-from proxy.tensors import TensorError
+from proxy.tensors import TensorError, bfloat16_bits, from_bfloat16_bits
 
 __all__ = [
     "CODECS",
@@ -234,7 +234,7 @@ def array_to_tensor(
         return tensor
     try:
         if data_type == DT_BFLOAT16:
-            flat = _bfloat16_bits(values.astype(np.float32, copy=False).ravel())
+            flat = bfloat16_bits(values.astype(np.float32, copy=False).ravel())
         else:
             flat = values.astype(wire, copy=False).ravel()
     except (TypeError, ValueError) as exc:
@@ -291,7 +291,7 @@ def _from_content(data_type: int, content: bytes, count: int) -> np.ndarray[Any,
         # Any nonzero byte is true; numpy would keep the byte as it is.
         return np.frombuffer(content, dtype=np.uint8) != 0
     if data_type == DT_BFLOAT16:
-        return _from_bfloat16_bits(flat)
+        return from_bfloat16_bits(flat)
     # astype copies: the array owns its memory and is in native byte order.
     return flat.astype(result)
 
@@ -314,7 +314,7 @@ def _from_typed_field(tensor: Any, count: int) -> np.ndarray[Any, Any]:
         flat = parts.view(result)
     elif tensor.dtype in (DT_HALF, DT_BFLOAT16):
         bits = np.array(values, dtype=np.int32).astype(np.uint16)
-        flat = bits.view(np.float16) if tensor.dtype == DT_HALF else _from_bfloat16_bits(bits)
+        flat = bits.view(np.float16) if tensor.dtype == DT_HALF else from_bfloat16_bits(bits)
     else:
         # int_val carries the narrow integer types too; astype wraps as TensorFlow's cast does.
         wide = np.int32 if field == "int_val" else result
@@ -336,18 +336,6 @@ def _pad(flat: np.ndarray[Any, Any], count: int, data_type: int) -> np.ndarray[A
     padded[: len(flat)] = flat
     padded[len(flat) :] = filler
     return padded
-
-
-def _bfloat16_bits(values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    """float32 values as bfloat16 bit patterns, rounded to nearest even (NaN stays NaN)."""
-    bits = values.view(np.uint32).astype(np.uint64)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    nan = (bits >> 16 | 0x0040) & 0xFFFF  # a quiet NaN with the same sign
-    return np.where(np.isnan(values), nan, rounded).astype("<u2")
-
-
-def _from_bfloat16_bits(bits: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def _encode_strings(elements: list[Any]) -> list[bytes]:
