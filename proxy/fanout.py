@@ -18,7 +18,7 @@ import grpc
 from grpc import aio
 
 from proxy.errors import BackendUnreachable, status_for_unreachable
-from proxy.protocols import codec_for
+from proxy.protocols import MethodList, codec_for
 from proxy.records import BackendOutcome, CallRecord, Metadata, ProductionView, TraceContext
 from proxy.registry import Backend, Registry
 from proxy.settings import BackendSettings
@@ -75,8 +75,6 @@ class ProductionStats:
 
 _LONGEST_REQUEST_ID = 256
 _HEADER_SAFE = re.compile(r"[\x20-\x7e]*")
-# Method names come from clients; remembering every one would let a client grow memory.
-_MAX_REMEMBERED_METHODS = 1024
 _TRACEPARENT_RE = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
 
 
@@ -106,11 +104,7 @@ class FanOut:
         never_shadowed: Iterable[str] = (),
     ) -> None:
         self.registry = registry
-        names = tuple(never_shadowed)
-        self._never_methods = frozenset(n for n in names if not n.endswith("/"))
-        self._never_services = tuple(n for n in names if n.endswith("/"))
-        # Method name -> shadowed?, so the per-call check is one dict lookup.
-        self._shadowed: dict[str, bool] = {}
+        self._never_shadowed = MethodList(never_shadowed)
         self.shadows = shadows
         self._record = record
         self.stats = ProductionStats()
@@ -157,7 +151,7 @@ class FanOut:
         call = production.upstream.method(method)(request, timeout=timeout, metadata=production_md)
         prod_start_ns = time.time_ns()
         decision: ShadowDecision = NO_SHADOWS
-        if snapshot.copies and self._is_shadowed(method):
+        if snapshot.copies and not self._never_shadowed.matches(method):
             try:
                 decision = self.shadows.send(
                     snapshot.copies, method, request, tuple(forwarded), request_id, trace
@@ -228,16 +222,6 @@ class FanOut:
             client_code, client_details, outcome,
         )  # fmt: skip
         return ProductionReply(client_code, client_details, body, initial, trailing)
-
-    def _is_shadowed(self, method: str) -> bool:
-        shadowed = self._shadowed.get(method)
-        if shadowed is None:
-            shadowed = method not in self._never_methods and not method.startswith(
-                self._never_services
-            )
-            if len(self._shadowed) < _MAX_REMEMBERED_METHODS:
-                self._shadowed[method] = shadowed
-        return shadowed
 
     def _fail_fast(
         self,

@@ -32,14 +32,12 @@ from proxy.fanout import (
     split_metadata,
     trace_context,
 )
+from proxy.protocols import MethodList
 from proxy.records import BackendOutcome, CallRecord, Metadata, StreamCounts, TraceContext
 from proxy.registry import Backend, Registry
 from proxy.upstream import came_from_backend
 
 log = logging.getLogger(__name__)
-
-# Method names come from clients; remembering every one would let a client grow memory.
-_MAX_REMEMBERED_METHODS = 1024
 
 
 @dataclass(slots=True)
@@ -86,21 +84,12 @@ class StreamRelay:
     ) -> None:
         self.registry = registry
         self._record = record
-        names = tuple(methods)
-        self._methods = frozenset(n for n in names if not n.endswith("/"))
-        self._services = tuple(n for n in names if n.endswith("/"))
-        # Method name -> streamed?, so the per-call check is one dict lookup.
-        self._streamed: dict[str, bool] = {}
+        self._methods = MethodList(methods)
         self.stats = StreamStats()
 
     def relays(self, method: str) -> bool:
         """Whether calls of ``method`` are relayed as streams (else they are unary)."""
-        streamed = self._streamed.get(method)
-        if streamed is None:
-            streamed = method in self._methods or method.startswith(self._services)
-            if len(self._streamed) < _MAX_REMEMBERED_METHODS:
-                self._streamed[method] = streamed
-        return streamed
+        return self._methods.matches(method)
 
     async def relay(
         self, method: str, requests: AsyncIterator[bytes], context: aio.ServicerContext

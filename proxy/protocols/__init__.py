@@ -9,6 +9,7 @@ A method without a codec is recorded as base64 and compared byte for byte.
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ __all__ = [
     "DEFAULT_STREAMING_METHODS",
     "REDACTED",
     "MethodCodec",
+    "MethodList",
     "Outputs",
     "codec_for",
     "known_codecs",
@@ -42,6 +44,30 @@ DEFAULT_NEVER_SHADOWED: tuple[str, ...] = (
 # test checks this list against their descriptors). gRPC's wire format does not say
 # whether a call streams, so the proxy can relay a stream only when told which methods do.
 DEFAULT_STREAMING_METHODS: tuple[str, ...] = ("/inference.GRPCInferenceService/ModelStreamInfer",)
+
+
+class MethodList:
+    """A configured list of gRPC methods (``never_shadowed``, ``streaming_methods``):
+    full names ``/package.Service/Method``, or ``/package.Service/`` for a whole service."""
+
+    # Method names come from clients; remembering every one would let a client grow memory.
+    _REMEMBERED = 1024
+
+    def __init__(self, names: Iterable[str]) -> None:
+        names = tuple(names)
+        self._methods = frozenset(n for n in names if not n.endswith("/"))
+        self._services = tuple(n for n in names if n.endswith("/"))
+        # Method name -> listed?, so the per-call check is one dict lookup.
+        self._known: dict[str, bool] = {}
+
+    def matches(self, method: str) -> bool:
+        """Whether ``method`` is listed, by name or by its service."""
+        listed = self._known.get(method)
+        if listed is None:
+            listed = method in self._methods or method.startswith(self._services)
+            if len(self._known) < self._REMEMBERED:
+                self._known[method] = listed
+        return listed
 
 
 @dataclass(slots=True)
