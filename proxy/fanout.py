@@ -19,7 +19,14 @@ from grpc import aio
 
 from proxy.errors import BackendUnreachable, status_for_unreachable
 from proxy.protocols import MethodList, codec_for
-from proxy.records import BackendOutcome, CallRecord, Metadata, ProductionView, TraceContext
+from proxy.records import (
+    BackendOutcome,
+    CallRecord,
+    Metadata,
+    ProductionView,
+    StreamCounts,
+    TraceContext,
+)
 from proxy.registry import Backend, Registry
 from proxy.settings import BackendSettings
 from proxy.shadow import NO_SHADOWS, ShadowDecision, ShadowWriter
@@ -191,7 +198,7 @@ class FanOut:
             self._submit(
                 method, request_id, trace, start_ns, request, received, peer, decision,
                 grpc.StatusCode.CANCELLED, "cancelled by the client",
-                self._outcome(backend, method, request_id, trace, span_id, prod_start_ns, len(request),
+                production_outcome(backend, method, request_id, trace, span_id, prod_start_ns, len(request),
                               grpc.StatusCode.CANCELLED, "cancelled by the client", None, (), False),
             )  # fmt: skip
             raise
@@ -200,7 +207,7 @@ class FanOut:
         production.stats.count(code)
         if answer is not None:
             answer.set_result(ProductionView(code, body, end_ns - prod_start_ns))
-        outcome = self._outcome(
+        outcome = production_outcome(
             backend, method, request_id, trace, span_id, prod_start_ns, len(request),
             code, details, body, trailing, from_backend, end_ns,
         )  # fmt: skip
@@ -245,40 +252,6 @@ class FanOut:
         )  # fmt: skip
         return ProductionReply(
             grpc.StatusCode.UNAVAILABLE, details, None, (), ((REQUEST_ID_KEY, request_id),)
-        )
-
-    def _outcome(
-        self,
-        backend: BackendSettings,
-        method: str,
-        request_id: str,
-        trace: TraceContext,
-        span_id: int,
-        start_ns: int,
-        request_size: int,
-        code: grpc.StatusCode,
-        details: str,
-        body: bytes | None,
-        trailing: Metadata,
-        from_backend: bool,
-        end_ns: int | None = None,
-    ) -> BackendOutcome:
-        return BackendOutcome(
-            role="production",
-            name=backend.name,
-            address=backend.address,
-            method=method,
-            request_id=request_id,
-            trace=trace,
-            span_id=span_id,
-            start_ns=start_ns,
-            end_ns=end_ns or time.time_ns(),
-            code=code,
-            details=details,
-            reply=body,
-            trailing_metadata=trailing,
-            request_size=request_size,
-            from_backend=from_backend,
         )
 
     def _submit(
@@ -355,6 +328,43 @@ def _request_id_from_body(method: str, request: bytes) -> str:
     if len(request_id) > _LONGEST_REQUEST_ID or not _HEADER_SAFE.fullmatch(request_id):
         return ""
     return request_id
+
+
+def production_outcome(
+    backend: BackendSettings,
+    method: str,
+    request_id: str,
+    trace: TraceContext,
+    span_id: int,
+    start_ns: int,
+    request_size: int,
+    code: grpc.StatusCode,
+    details: str,
+    body: bytes | None,
+    trailing: Metadata,
+    from_backend: bool,
+    end_ns: int | None = None,
+    stream: StreamCounts | None = None,
+) -> BackendOutcome:
+    """Production's side of a call (or of a relayed stream, with its message counts)."""
+    return BackendOutcome(
+        role="production",
+        name=backend.name,
+        address=backend.address,
+        method=method,
+        request_id=request_id,
+        trace=trace,
+        span_id=span_id,
+        start_ns=start_ns,
+        end_ns=end_ns or time.time_ns(),
+        code=code,
+        details=details,
+        reply=body,
+        trailing_metadata=trailing,
+        request_size=request_size,
+        from_backend=from_backend,
+        stream=stream,
+    )
 
 
 def new_request_id() -> str:

@@ -29,6 +29,7 @@ from proxy.fanout import (
     REQUEST_ID_KEY,
     new_request_id,
     not_serving_details,
+    production_outcome,
     split_metadata,
     trace_context,
 )
@@ -161,9 +162,10 @@ class StreamRelay:
                     client_cancelled=True,
                 )  # fmt: skip
                 streamed = StreamCounts(counts.requests, counts.replies)
-                outcome = _production_outcome(
-                    production, method, request_id, trace, span_id, prod_start_ns,
-                    grpc.StatusCode.CANCELLED, "cancelled by the client", (), False, streamed,
+                outcome = production_outcome(
+                    backend, method, request_id, trace, span_id, prod_start_ns, 0,
+                    grpc.StatusCode.CANCELLED, "cancelled by the client", None, (), False,
+                    stream=streamed,
                 )  # fmt: skip
                 self._submit(
                     method, request_id, trace, start_ns, received, peer,
@@ -183,9 +185,9 @@ class StreamRelay:
             pump.cancel()
         self._finish(method, request_id, start, counts, code, production)
         streamed = StreamCounts(counts.requests, counts.replies)
-        outcome = _production_outcome(
-            production, method, request_id, trace, span_id, prod_start_ns, code, details,
-            trailing, from_backend, streamed,
+        outcome = production_outcome(
+            backend, method, request_id, trace, span_id, prod_start_ns, 0, code, details,
+            None, trailing, from_backend, stream=streamed,
         )  # fmt: skip
         if not any(key == REQUEST_ID_KEY for key, _ in trailing):
             trailing = (*trailing, *request_id_trailer)
@@ -261,39 +263,6 @@ class StreamRelay:
             method, request_id, production.name, counts.requests, counts.replies, code.name,
             time.monotonic() - start,
         )  # fmt: skip
-
-
-def _production_outcome(
-    production: Backend,
-    method: str,
-    request_id: str,
-    trace: TraceContext,
-    span_id: int,
-    start_ns: int,
-    code: grpc.StatusCode,
-    details: str,
-    trailing: Metadata,
-    from_backend: bool,
-    counts: StreamCounts,
-) -> BackendOutcome:
-    return BackendOutcome(
-        role="production",
-        name=production.settings.name,
-        address=production.settings.address,
-        method=method,
-        request_id=request_id,
-        trace=trace,
-        span_id=span_id,
-        start_ns=start_ns,
-        end_ns=time.time_ns(),
-        code=code,
-        details=details,
-        reply=None,
-        trailing_metadata=trailing,
-        request_size=0,
-        from_backend=from_backend,
-        stream=counts,
-    )
 
 
 async def _pump(
