@@ -7,6 +7,10 @@ in front of them, all on loopback:
   direct              client -> production model server
   envoy               client -> Envoy 1.40 (one worker) -> production, and
                       request_mirror_policies copy every request to the shadow
+  aio-forwarder       a reference, not a product: forty lines of grpc.aio that forward
+                      the bytes to production and fire a copy at the shadow, with no
+                      metadata, ids, tracing or recording; what it adds over direct is the
+                      floor gRPC Python's request path sets for any proxy built on it
   proxy               client -> proxy -> production (and a copy -> shadow at sample 1.0),
                       tracing and payload recording on, file exporter into a temp folder
   proxy-no-recording  the same proxy with --exporter none: what recording costs
@@ -76,7 +80,7 @@ from proxy.gen import predict_pb2  # noqa: E402
 from proxy.tensors import to_tensor  # noqa: E402
 
 PREDICT = "/predict.v1.PredictionService/Predict"
-TARGETS = ("direct", "envoy", "proxy", "proxy-no-recording")
+TARGETS = ("direct", "envoy", "aio-forwarder", "proxy", "proxy-no-recording")
 MIRRORING = ("envoy", "proxy")
 """The targets that also run the shadow scenarios."""
 FAULTS = ("slow", "down", "hang")
@@ -118,6 +122,10 @@ H2LOAD_NOTE = (
 )
 _COUNTING_MODEL_SERVER = "--counting-model-server"
 """The first argument that makes this script a model server that counts its calls."""
+_AIO_FORWARDER = "--aio-forwarder"
+"""The first argument that makes this script the bare grpc.aio forwarder (a reference)."""
+PROXY_GRPC_EXPERIMENTS = "-event_engine_client,-event_engine_listener"
+"""What proxy/cli.py sets by default; the bare forwarder runs with the same."""
 
 
 @dataclass(frozen=True)
@@ -139,7 +147,7 @@ class Process:
 
     name: str
     kind: str
-    """model, proxy or envoy."""
+    """model, proxy, forwarder (the bare grpc.aio forwarder) or envoy."""
     popen: subprocess.Popen[bytes]
     log: Path
     ready: Path | None = None
@@ -223,10 +231,13 @@ def _spawn(
     ready: Path | None = None,
     calls_file: Path | None = None,
     address: str = "",
+    env: dict[str, str] | None = None,
 ) -> Process:
     log = folder / f"{name}.log"
     with log.open("wb") as log_file:
-        popen = subprocess.Popen(command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+        popen = subprocess.Popen(
+            command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=env
+        )
     return Process(name, kind, popen, log, ready, calls_file, address)
 
 
@@ -256,6 +267,17 @@ def _start_proxy(
         *args, "--ready-file", str(ready),
     ]  # fmt: skip
     return _spawn(name, "proxy", command, folder, ready=ready)
+
+
+def _start_aio_forwarder(production: str, shadow: str, folder: Path) -> Process:
+    ready = folder / "aio-forwarder.ready"
+    command = [
+        sys.executable, str(Path(__file__).resolve()), _AIO_FORWARDER,
+        production, shadow, str(ready),
+    ]  # fmt: skip
+    env = {**os.environ}
+    env.setdefault("GRPC_EXPERIMENTS", PROXY_GRPC_EXPERIMENTS)
+    return _spawn("aio-forwarder", "forwarder", command, folder, ready=ready, env=env)
 
 
 _ENVOY_BOOTSTRAP = string.Template("""\
@@ -425,8 +447,9 @@ def _cpu_snapshot(roles: dict[str, Process]) -> dict[str, int]:
     snapshot = {role: _cpu_ticks(process.pid) for role, process in roles.items()}
     # The proxy's main thread runs the asyncio loop, i.e. the request path; its other
     # threads record spans, export them and run gRPC's internals.
-    if "proxy" in roles:
-        snapshot["proxy_main_thread"] = _cpu_ticks(roles["proxy"].pid, roles["proxy"].pid)
+    for kind in ("proxy", "forwarder"):
+        if kind in roles:
+            snapshot["proxy_main_thread"] = _cpu_ticks(roles[kind].pid, roles[kind].pid)
     snapshot["client"] = _cpu_ticks(os.getpid())
     return snapshot
 
@@ -508,6 +531,65 @@ def _write_atomically(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(text)
     os.replace(temporary, path)
+
+
+# ---------------------------------------------------------------------------------------
+# The bare grpc.aio forwarder (this script, started with _AIO_FORWARDER)
+
+
+def _serve_aio_forwarder(argv: list[str]) -> int:
+    """The least a proxy written with grpc.aio can do: forward the bytes to production and
+    fire the same bytes at the shadow, with no metadata, ids, tracing or recording.
+
+    It is a reference, not a product: what it adds over direct is the floor that gRPC
+    Python's own request path sets for any proxy built on it, the shadow proxy included.
+    """
+    production, shadow, ready = argv
+
+    async def serve() -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        to_production = aio.insecure_channel(production)
+        to_shadow = aio.insecure_channel(shadow)
+        copies: set[asyncio.Future[bytes]] = set()
+
+        def finished(copy: asyncio.Future[bytes]) -> None:
+            copies.discard(copy)
+            if not copy.cancelled():
+                copy.exception()  # retrieved, so that a failed copy is not logged as unseen
+
+        def handler(details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+            method: str = details.method  # type: ignore[attr-defined]
+            first = to_production.unary_unary(method)
+            second = to_shadow.unary_unary(method)
+
+            async def forward(request: bytes, _context: aio.ServicerContext) -> bytes:
+                call = first(request)
+                copy = asyncio.ensure_future(second(request))
+                copies.add(copy)
+                copy.add_done_callback(finished)
+                return await call
+
+            return grpc.unary_unary_rpc_method_handler(forward)
+
+        class Forward(grpc.GenericRpcHandler):
+            def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+                return handler(details)
+
+        server = aio.server()
+        server.add_generic_rpc_handlers((Forward(),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        _write_atomically(Path(ready), f"127.0.0.1:{port}\n")
+        await stop.wait()
+        await server.stop(grace=1.0)
+        for copy in copies:
+            copy.cancel()
+        return 0
+
+    return asyncio.run(serve())
 
 
 # ---------------------------------------------------------------------------------------
@@ -818,7 +900,7 @@ async def _measure(
         "load_p50_ms": load_p50,
         "load_p99_ms": load_p99,
         "cpu_us_per_request": cpu,
-        "server_cpu_us_per_request": cpu.get("proxy", cpu.get("envoy")),
+        "server_cpu_us_per_request": cpu.get("proxy", cpu.get("forwarder", cpu.get("envoy"))),
         "peak_rss_mb": _memory_mb(server.pid, "VmHWM") if server is not None else None,
         "load_calls": phase.calls,
         "load_sent": phase.started,
@@ -1396,6 +1478,15 @@ def _header(result: dict[str, Any]) -> list[tuple[str, str]]:
 def _notes(result: dict[str, Any]) -> list[str]:
     """Call counts, count mismatches, and the proxy's own account at shutdown."""
     lines = []
+    to_direct = result["ratios"]["to_direct"]
+    if "aio-forwarder" in to_direct and "proxy" in to_direct:
+        floor = to_direct["aio-forwarder"]["added_p50_ms"]
+        added = to_direct["proxy"]["added_p50_ms"]
+        lines.append(
+            f"aio-forwarder (a reference, not a product): the least a grpc.aio proxy that "
+            f"copies each call adds to p50 at concurrency 1 is {floor:+.3f} ms here; the proxy "
+            f"adds {added:+.3f} ms, {added - floor:+.3f} ms over that floor"
+        )
     problems = []
     for target, figures in result["targets"].items():
         production = figures["production_calls"]
@@ -1666,6 +1757,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == [_COUNTING_MODEL_SERVER]:
         return _serve_counting_model(argv[1:])
+    if argv[:1] == [_AIO_FORWARDER]:
+        return _serve_aio_forwarder(argv[1:])
     args = build_parser().parse_args(argv)
     plan = _plan(args)
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -1726,6 +1819,7 @@ def main(argv: list[str] | None = None) -> int:
             chosen = any(a.partition("=")[0] == "--exporter" for a in args.proxy_args)
             exporter = [] if chosen else ["--exporter", "file"]
             fronts = [
+                _start_aio_forwarder(production, shadows["healthy"], folder),
                 _start_proxy(
                     "proxy", production, shadows["healthy"], [*exporter, *args.proxy_args], folder
                 ),

@@ -35,7 +35,7 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     targets = result["targets"]
     skipped = {item["what"]: item for item in result["skipped"]}
-    expected = ["direct", "proxy", "proxy-no-recording"]
+    expected = ["direct", "aio-forwarder", "proxy", "proxy-no-recording"]
     if importlib.util.find_spec("envoy") is not None:
         expected.append("envoy")
     else:
