@@ -14,8 +14,8 @@ h2load (Debian's nghttp2-client) is the load generator: several threads and many
 connections, so that the kernel spreads them over the workers' shared port. With 8 or
 more cores the roles are pinned to their own cores (sched_setaffinity): half for the
 backends, two for h2load, the rest for the proxy (6 of 16), with worker counts 1, 2, 4 up
-to the proxy's cores. With fewer, everything shares
-every core, and the scaling measured is the limit of that machine, not of the proxy.
+to the proxy's cores. With fewer, everything shares every core, and the scaling
+measured is the limit of that machine, not of the proxy.
 
 For each worker count, in rotated order over --repeats rounds: requests/s for --duration
 seconds of full load (after a warm-up), the CPU the proxy's processes used (all workers
@@ -456,8 +456,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated worker counts (default: 1 and powers of two up to the proxy's "
         "cores, at least 1,2)",
     )
-    parser.add_argument("--duration", type=bench._positive_float, default=8.0, metavar="SECONDS")
-    parser.add_argument("--repeats", type=bench._positive_int, default=2, metavar="N")
+    parser.add_argument(
+        "--duration",
+        type=bench._positive_float,
+        default=8.0,
+        metavar="SECONDS",
+        help="seconds of full load per worker count and round (default %(default)s)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=bench._positive_int,
+        default=2,
+        metavar="N",
+        help="rounds over the worker counts, in rotated order; medians reported "
+        "(default %(default)s)",
+    )
     parser.add_argument(
         "--pin",
         action=argparse.BooleanOptionalAction,
