@@ -4,7 +4,9 @@ A reflection client (``grpcurl``, Postman, a reflection descriptor database) poi
 proxy should see what it would see at production, because every method the proxy does not
 own is forwarded there. Each request is answered from the proxy's own descriptors when they
 have the answer; a lookup they cannot answer (NOT_FOUND) is asked of production's reflection
-service, and ``list_services`` is the union of both lists. Production being down, slow, or
+service, and ``list_services`` is the union of both lists, less the services the proxy only
+forwards (``predict.v1.PredictionService``) when production does not list them: in front of
+Triton, say, a client must not be shown a service nobody behind the proxy serves. Production being down, slow, or
 without reflection never fails the client's stream: the proxy's own answer is sent instead.
 
 Both ``grpc.reflection.v1alpha`` and ``grpc.reflection.v1`` are served. Their messages are
@@ -108,12 +110,16 @@ class ReflectionServicer:
         production: ProductionChannel,
         *,
         pool: descriptor_pool.DescriptorPool | None = None,
+        forwarded: Iterable[str] = (),
         lookup_timeout: float = LOOKUP_TIMEOUT,
         list_timeout: float = LIST_TIMEOUT,
     ) -> None:
         if service not in (V1ALPHA_SERVICE, V1_SERVICE):
             raise ValueError(f"not a reflection service: {service!r}")
         self.service = service
+        # Services among ``service_names`` that the proxy does not serve itself but forwards:
+        # listed when production lists them, or when production's list cannot be had.
+        self._forwarded = frozenset(forwarded)
         names = {*service_names, V1ALPHA_SERVICE, V1_SERVICE} - {ADMIN_SERVICE}
         # grpc_reflection's own servicer answers locally; the v1 file lives in its own pool.
         self._local = (
@@ -144,7 +150,7 @@ class ReflectionServicer:
             remote = await upstream.ask(request, self._list_timeout)
             if remote is None or not remote.HasField("list_services_response"):
                 return local
-            names = {s.name for s in local.list_services_response.service}
+            names = {s.name for s in local.list_services_response.service} - self._forwarded
             names.update(s.name for s in remote.list_services_response.service if s.name)
             names.discard(ADMIN_SERVICE)
             return Response(
@@ -264,18 +270,21 @@ def enable_reflection(
     server: aio.Server,
     production: ProductionChannel,
     *,
+    forwarded: Iterable[str] = (),
     lookup_timeout: float = LOOKUP_TIMEOUT,
     list_timeout: float = LIST_TIMEOUT,
 ) -> None:
     """Serve v1alpha and v1 reflection on ``server``: ``service_names`` (the reflection
     services are added, the admin service never listed) and production's services behind
-    them."""
+    them; those of ``service_names`` that are only ``forwarded`` are listed when production
+    lists them too, or when it cannot be asked."""
     names = tuple(service_names)
     for service in (V1ALPHA_SERVICE, V1_SERVICE):
         servicer = ReflectionServicer(
             service,
             names,
             production,
+            forwarded=forwarded,
             lookup_timeout=lookup_timeout,
             list_timeout=list_timeout,
         )

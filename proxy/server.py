@@ -186,6 +186,8 @@ class ProxyServer:
             ),
             server,
             production_channel,
+            # Forwarded like any other method: listed only where production serves it.
+            forwarded=(PREDICT_SERVICE,),
         )
         server.add_generic_rpc_handlers((_ForwardingHandler(self),))
         port = _bind(server, self.settings.listen, "--listen", self._server_credentials())

@@ -33,6 +33,9 @@ PROXY_OWN = {
     V1ALPHA,
     V1,
 }
+# What the proxy lists of its own in front of a production that does not list
+# predict.v1.PredictionService: the proxy only forwards that service.
+PROXY_OWN_BEFORE_OTHERS = PROXY_OWN - {"predict.v1.PredictionService"}
 
 
 def _service_file(package: str) -> descriptor_pb2.FileDescriptorProto:
@@ -220,8 +223,20 @@ async def test_list_services_is_the_proxy_s_and_production_s(
 
     services = await reflector.services()
 
-    assert services == PROXY_OWN | {"echo.v1.Echo"}
+    # predict.v1.PredictionService is only forwarded, and this production does not serve it.
+    assert services == PROXY_OWN_BEFORE_OTHERS | {"echo.v1.Echo"}
     assert ADMIN_SERVICE not in services
+    await reflector.close()
+
+
+async def test_the_forwarded_prediction_service_is_listed_where_production_serves_it(
+    reflecting, make_proxy, channel_to
+):
+    production = await reflecting(listed=("predict.v1.PredictionService",))
+    proxy, _ = await make_proxy(f"prod={production.address}")
+    reflector = Reflector(channel_to(proxy.address), V1)
+
+    assert await reflector.services() == PROXY_OWN | {"echo.v1.Echo"}
     await reflector.close()
 
 
@@ -395,9 +410,9 @@ async def test_reflection_follows_a_promotion_within_a_stream(reflecting, make_p
     proxy, _ = await make_proxy(f"prod={old.address}", [f"cand={new.address}"])
     reflector = Reflector(channel_to(proxy.address))
 
-    assert await reflector.services() == PROXY_OWN | {"echo.v1.Echo"}
+    assert await reflector.services() == PROXY_OWN_BEFORE_OTHERS | {"echo.v1.Echo"}
     proxy.change({"op": "promote", "name": "cand"})
-    assert await reflector.services() == PROXY_OWN | {"echo.v2.Echo"}
+    assert await reflector.services() == PROXY_OWN_BEFORE_OTHERS | {"echo.v2.Echo"}
     assert "echo/v2/service.proto" in await reflector.files(
         Request(file_containing_symbol="echo.v2.Echo")
     )
