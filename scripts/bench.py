@@ -560,8 +560,9 @@ def _serve_aio_forwarder(argv: list[str]) -> int:
             if not copy.cancelled():
                 copy.exception()  # retrieved, so that a failed copy is not logged as unseen
 
-        def handler(details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-            method: str = details.method  # type: ignore[attr-defined]
+        handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+        def handler(method: str) -> grpc.RpcMethodHandler:
             first = to_production.unary_unary(method)
             second = to_shadow.unary_unary(method)
 
@@ -576,7 +577,10 @@ def _serve_aio_forwarder(argv: list[str]) -> int:
 
         class Forward(grpc.GenericRpcHandler):
             def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-                return handler(details)
+                method: str = details.method  # type: ignore[attr-defined]
+                if method not in handlers:  # one per method, as the proxy keeps them
+                    handlers[method] = handler(method)
+                return handlers[method]
 
         server = aio.server()
         server.add_generic_rpc_handlers((Forward(),))

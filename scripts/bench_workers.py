@@ -27,6 +27,7 @@ not the proxy, were the limit). Medians over the rounds, with the ratio to 1 wor
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime
 import json
@@ -40,10 +41,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import grpc
+import numpy as np
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -57,8 +64,8 @@ _CANNED_BACKEND = "--canned-backend"
 START_TIMEOUT_S = 60.0
 WARMUP_S = 2.0
 SETTLE_S = 2.0
-"""After the load (and the warm-up), the proxy's batch span processors (1 s schedule delay) export the
-spans of that load; that CPU belongs to its requests."""
+"""After the load (and the warm-up), the proxy's batch span processors (1 s schedule
+delay) export the spans of that load; that CPU belongs to its requests."""
 _H2LOAD_MEAN = re.compile(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)")
 
 
@@ -68,8 +75,6 @@ _H2LOAD_MEAN = re.compile(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)")
 
 def _reply(probabilities: Sequence[float]) -> bytes:
     """A PredictResponse like the model servers' (probabilities and a label)."""
-    import numpy as np
-
     scores = np.array([probabilities], dtype=np.float64)
     label = np.array([int(np.argmax(scores))], dtype=np.int64)
     return predict_pb2.PredictResponse(
@@ -80,13 +85,6 @@ def _reply(probabilities: Sequence[float]) -> bytes:
 
 def _serve_canned(argv: list[str]) -> int:
     """One process of a canned backend: listen, reply, keep a call count in a file."""
-    import asyncio
-
-    import grpc
-    from grpc import aio
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-    from grpc_health.v1.health import aio as health_aio
-
     listen, reply_hex, calls_file, ready_file = argv
     reply = bytes.fromhex(reply_hex)
     calls = 0
@@ -154,7 +152,8 @@ class Backend:
         return sum(bench._cpu_ticks(p.pid) for p in self.processes)
 
 
-def _affinity(cpus: Sequence[int] | None) -> Any:
+def _affinity(cpus: Sequence[int] | None) -> Callable[[], None] | None:
+    """A preexec_fn that pins the child (and what it starts) to ``cpus``; None: unpinned."""
     if not cpus:
         return None
     chosen = set(cpus)
@@ -431,14 +430,6 @@ def _markdown(result: dict[str, Any]) -> str:
 # Main
 
 
-def _cpu_list(text: str) -> list[int]:
-    cpus: list[int] = []
-    for part in text.split(","):
-        first, _, last = part.partition("-")
-        cpus.extend(range(int(first), int(last or first) + 1))
-    return cpus
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench_workers.py",
@@ -612,8 +603,6 @@ def _result(
         ),
         platform.processor() or "unknown",
     )
-    import grpc
-
     h2load_version = bench._version([h2load, "--version"], r"(nghttp2/[\w.]+)")
     if args.proxy_cpus:
         pinning = (
